@@ -1,0 +1,554 @@
+"""alexpipe-prepare: an ImageNet tree to shuffled, 256-px WebDataset shards.
+
+Why offline: decoding a full-size ImageNet JPEG (avg ~400x350, up to several thousand
+pixels a side) and resizing it costs far more than the training step needs; doing it once
+leaves the GPU loader a ~30 KB 256-px JPEG per sample that nvJPEG decodes at >25k/s.
+
+Each image is decoded by content (PIL sniffs the format, so a PNG named .JPEG works),
+converted to RGB (grayscale replicated, CMYK through PIL's conversion, transparency
+composited on white), resized so its short side is 256 with PIL's antialiased bicubic
+filter (aspect kept, small images upscaled), or resized then center-cropped to 256x256
+with --center-crop, and re-encoded as JPEG. EXIF orientation is not applied, as in
+torchvision's ImageFolder that published ImageNet results were produced with. Large JPEGs
+are decoded with PIL's draft mode (DCT-domain 1/2, 1/4, 1/8 scaling, never below the
+target size) - tools/bench_prepare.py measures its speed and its PSNR against a full decode.
+
+Output, per split: OUT/<split>/<split>-NNNNNN.tar (+ .idx in DALI's wds2idx format), each
+sample <key>.jpg, <key>.cls (ASCII label), <key>.json (source, wnid, original size), where
+<key> is the sample's 8-digit position in the split's seeded shuffle. Then
+OUT/<split>/rejected.tsv and, last, OUT/manifest.json.
+
+Resumable: a shard is written to a temporary and renamed when complete, then its record
+(count, sha256, rejects) is written to OUT/<split>/.parts/; a rerun skips shards that have
+a record from the same job and redoes the rest, so the result is byte-identical to an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from . import __version__
+from .util import (MANIFEST, MANIFEST_FORMAT, UserError, atomic_write_bytes, config_dict, default_workers,
+                   imagenet_classes, print_config, read_json, run_main, sha256_file, write_json)
+
+SHORT_SIDE = 256
+IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+RESAMPLE = Image.Resampling.BICUBIC  # antialiased (support scales with the ratio); 1.4x faster than LANCZOS here
+
+
+@dataclass
+class PrepareConfig:
+    src: Path
+    out: Path
+    split: str = "both"
+    workers: int = field(default_factory=default_workers)
+    # ~30 KB per 256-px q90 ImageNet JPEG (measured on the 500-image sample): 5000 samples
+    # make ~150 MB shards, and ImageNet's train set 257 shards.
+    shard_size: int = 5000
+    seed: int = 0
+    quality: int = 90
+    center_crop: bool = False
+    strict: bool = False
+    val_labels: Path | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str  # relative to SRC
+    label: int
+    wnid: str
+
+
+# ---------------------------------------------------------------------------- scanning
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files by extension (case-insensitive); hidden files and others are ignored."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS)
+
+
+def class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def label_space(folders: list[str]) -> tuple[list[tuple[int, str, str]], str]:
+    """Standard ILSVRC-2012 indices if every folder is one of its wnids (so a subset of
+    classes keeps the standard labels), else sorted folder order."""
+    standard = imagenet_classes()
+    wnids = {w for _, w, _ in standard}
+    if folders and all(f in wnids for f in folders):
+        return standard, "imagenet"
+    return [(i, f, f) for i, f in enumerate(folders)], "folders"
+
+
+def scan_class_folders(src: Path, split_dir: Path, by_wnid: dict[str, int]) -> list[Item]:
+    items = []
+    for wnid in class_folders(split_dir):
+        if wnid not in by_wnid:
+            raise UserError(f"{split_dir / wnid}: class folder not among the classes of the train split")
+        items += [Item(str(p.relative_to(src)), by_wnid[wnid], wnid) for p in list_images(split_dir / wnid)]
+    return items
+
+
+def find_val_labels(src: Path, given: Path | None) -> tuple[str, Path]:
+    """Locate the flat val split's label file: Kaggle's LOC_val_solution.csv or the
+    devkit's ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it)."""
+    if given is not None:
+        if not given.is_file():
+            raise UserError(f"{given}: --val-labels file not found")
+        if given.name.endswith(".csv"):
+            return "kaggle", given
+        if given.name.endswith(".txt"):
+            return "devkit", given
+        raise UserError(f"{given}: unknown label file format (expected LOC_val_solution.csv "
+                        f"or ILSVRC2012_validation_ground_truth.txt)")
+    for d in (src, src / "val", src.parent):
+        if (d / "LOC_val_solution.csv").is_file():
+            return "kaggle", d / "LOC_val_solution.csv"
+    for d in (src, src / "ILSVRC2012_devkit_t12" / "data", src / "val"):
+        if (d / "ILSVRC2012_validation_ground_truth.txt").is_file():
+            return "devkit", d / "ILSVRC2012_validation_ground_truth.txt"
+    raise UserError(f"{src / 'val'}: flat val folder but no label file found (looked for "
+                    f"LOC_val_solution.csv and ILSVRC2012_devkit_t12/data/"
+                    f"ILSVRC2012_validation_ground_truth.txt; pass --val-labels)")
+
+
+def read_val_labels(kind: str, path: Path) -> dict[str, str]:
+    """Image stem -> wnid."""
+    if kind == "kaggle":
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0][:2] != ["ImageId", "PredictionString"]:
+            raise UserError(f"{path}: unknown label file format (expected header ImageId,PredictionString)")
+        try:
+            return {r[0]: r[1].split()[0] for r in rows[1:] if r}
+        except IndexError:
+            raise UserError(f"{path}: unknown label file format (a row without a wnid)") from None
+    meta = path.parent / "meta.mat"
+    if not meta.is_file():
+        raise UserError(f"{meta}: not found (the devkit's ground truth needs meta.mat beside it)")
+    from scipy.io import loadmat  # only the devkit layout needs scipy
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+        ids = [int(line) for line in path.read_text().split()]
+    except (KeyError, ValueError, TypeError, OSError) as e:
+        raise UserError(f"{path}: unknown label file format ({e})") from None
+    try:
+        return {f"ILSVRC2012_val_{i + 1:08d}": id_to_wnid[x] for i, x in enumerate(ids)}
+    except KeyError as e:
+        raise UserError(f"{path}: ILSVRC2012_ID {e} not in {meta}") from None
+
+
+def scan(cfg: PrepareConfig) -> tuple[dict[str, list[Item]], list, str, str | None]:
+    """Find the splits' images and labels. Returns (items per split, class list,
+    labelling, val label source)."""
+    src = cfg.src
+    if not src.is_dir():
+        raise UserError(f"{src}: source directory not found")
+    splits = ["train", "val"] if cfg.split == "both" else [cfg.split]
+    for s in splits:
+        if not (src / s).is_dir():
+            raise UserError(f"{src / s}: not found (expected SRC/train/<class>/*.JPEG and SRC/val/; "
+                            f"use --split to prepare one split)")
+    train_dir, val_dir = src / "train", src / "val"
+    val_folders = class_folders(val_dir) if val_dir.is_dir() else []
+    folders = class_folders(train_dir) if train_dir.is_dir() else val_folders
+    if train_dir.is_dir() and not folders:
+        raise UserError(f"{train_dir}: no class folders")
+    classes, labelling = label_space(folders) if folders else (imagenet_classes(), "imagenet")
+    by_wnid = {w: i for i, w, _ in classes}
+    items, val_source = {}, None
+    if "train" in splits:
+        items["train"] = scan_class_folders(src, train_dir, by_wnid)
+    if "val" in splits:
+        if val_folders:
+            items["val"] = scan_class_folders(src, val_dir, by_wnid)
+            val_source = "class folders"
+        else:
+            if labelling != "imagenet":
+                raise UserError(f"{val_dir}: a flat val folder needs ImageNet wnid class folders in train")
+            kind, path = find_val_labels(src, cfg.val_labels)
+            val_source = f"{kind}: {path}"
+            stem_to_wnid = read_val_labels(kind, path)
+            files = list_images(val_dir)
+            missing = [f for f in files if f.stem not in stem_to_wnid]
+            if missing:
+                raise UserError(f"{missing[0]}: no label in {path} ({len(missing)} val images unlabelled)")
+            unknown = sorted({stem_to_wnid[f.stem] for f in files} - set(by_wnid))
+            if unknown:
+                raise UserError(f"{path}: wnid {unknown[0]} is not an ILSVRC-2012 class")
+            items["val"] = [Item(str(f.relative_to(src)), by_wnid[stem_to_wnid[f.stem]], stem_to_wnid[f.stem])
+                            for f in files]
+    for s, its in items.items():
+        if not its:
+            raise UserError(f"{src / s}: no image files found")
+    return items, classes, labelling, val_source
+
+
+def shuffled(items: list[Item], seed: int) -> list[Item]:
+    """Sorted by path, then a seeded permutation: the same tree and seed give the same order."""
+    items = sorted(items, key=lambda it: it.path)
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+
+
+# ---------------------------------------------------------------------------- one image
+
+def target_geometry(size: tuple[int, int], center_crop: bool):
+    """(output size, source box): the short side scaled to 256, and with center_crop the
+    box of the source that becomes the central 256x256 square."""
+    w, h = size
+    scale = SHORT_SIDE / min(w, h)
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    if not center_crop:
+        return (tw, th), (tw, th), (0.0, 0.0, float(w), float(h))
+    left, top = (tw - SHORT_SIDE) // 2, (th - SHORT_SIDE) // 2
+    box = (left / scale, top / scale, (left + SHORT_SIDE) / scale, (top + SHORT_SIDE) / scale)
+    return (SHORT_SIDE, SHORT_SIDE), (tw, th), box
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparent pixels are composited on white rather than left at
+    whatever colour they happen to store."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_resized(path, center_crop: bool, draft: bool = True) -> tuple[Image.Image, dict]:
+    """Decode by content, convert to RGB, resize (and crop). Returns the image and what
+    the sample's .json records about the source."""
+    with Image.open(path) as img:
+        info = {"size": list(img.size), "format": img.format, "mode": img.mode}
+        out_size, full_size, box = target_geometry(img.size, center_crop)
+        if draft and img.format == "JPEG":
+            img.draft("RGB", full_size)  # the decoder scales by 1/2..1/8 while staying >= full_size
+            sx, sy = img.size[0] / info["size"][0], img.size[1] / info["size"][1]
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        rgb = to_rgb(img)
+        return rgb.resize(out_size, RESAMPLE, box=box), info
+
+
+def convert_one(src: Path, center_crop: bool, quality: int, item: Item):
+    """Worker: one source file to (jpeg bytes, json bytes), or (None, reason) if it is
+    not a readable image. Any exception while reading is the file's fault."""
+    try:
+        img, info = load_resized(src / item.path, center_crop)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+    except Exception as e:  # noqa: BLE001 - unreadable, truncated, empty, not an image...
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        return None, reason
+    meta = {"src": item.path, "wnid": item.wnid, "label": item.label, **info}
+    return buf.getvalue(), json.dumps(meta, sort_keys=True).encode()
+
+
+def _ignore_sigint():
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, in the parent
+
+
+# ---------------------------------------------------------------------------- shards
+
+def index_text(tar_path: Path) -> tuple[str, int]:
+    """DALI's index (the format of its wds2idx tool): 'v1.2 N', then per sample its
+    components as 'ext data_offset size name'. Built by reading the tar's headers back, so
+    it describes the bytes on disk. Returns the text and the sample count."""
+    import tarfile
+    samples = collections.OrderedDict()
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            if m.isfile():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, []).append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    text = f"v1.2 {len(samples)}\n" + "".join(" ".join(c) + "\n" for c in samples.values())
+    return text, len(samples)
+
+
+def write_shard(tar_path: Path, first: int, items: list[Item], results) -> dict:
+    """Stream one shard's converted samples into a temporary tar, fsync, rename, index.
+    Returns the shard's record (without the job id)."""
+    tmp = tar_path.with_name(f".{tar_path.name}.tmp")
+    rejected = []
+    with open(tmp, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0, user="", group="", mode=0o444) as tw:
+            for k, (item, (jpg, meta)) in enumerate(zip(items, results)):
+                if jpg is None:
+                    rejected.append([item.path, meta])
+                    continue
+                tw.write({"__key__": f"{first + k:08d}", "jpg": jpg,
+                          "cls": str(item.label).encode(), "json": meta})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, tar_path)
+    text, count = index_text(tar_path)
+    atomic_write_bytes(tar_path.with_suffix(".idx"), text.encode())
+    return {"count": count, "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path),
+            "rejected": rejected}
+
+
+def job_id(cfg: PrepareConfig, split: str, items: list[Item]) -> str:
+    """Fingerprint of everything that determines a split's bytes; a shard record from
+    another job (other files, seed, quality...) is never reused."""
+    h = hashlib.sha256()
+    h.update(json.dumps([SHORT_SIDE, cfg.seed, cfg.quality, cfg.center_crop, cfg.shard_size,
+                         RESAMPLE.name, Image.__version__, split]).encode())
+    for it in items:
+        h.update(f"{it.path}\t{it.label}\n".encode())
+    return h.hexdigest()
+
+
+def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> dict:
+    """Write (or complete) one split's shards; return its manifest entry."""
+    out = cfg.out / split
+    parts = out / ".parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):
+        stale.unlink()  # a temporary left by a killed run
+    job = job_id(cfg, split, items)
+    n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
+    records, todo = {}, []
+    for k in range(n_shards):
+        name = f"{split}-{k:06d}"
+        rec_path = parts / f"{name}.json"
+        rec = json.loads(rec_path.read_text()) if rec_path.exists() else None
+        if rec is not None and rec.get("job") != job:
+            raise UserError(f"{out}: written by another run (other source files or settings); "
+                            f"use a new OUT or delete {out}")
+        if rec is not None and (out / f"{name}.tar").exists() and (out / f"{name}.idx").exists():
+            records[k] = rec
+        else:
+            todo.append(k)
+    done_items = sum(min(cfg.shard_size, len(items) - k * cfg.shard_size) for k in records)
+    if records:
+        print(f"{split}: {len(records)} of {n_shards} shards already complete, resuming", flush=True)
+    convert = partial(convert_one, cfg.src, cfg.center_crop, cfg.quality)
+    bar = tqdm(total=len(items), initial=done_items, unit="img", desc=split, smoothing=0.05)
+
+    def submit(k):
+        shard_items = items[k * cfg.shard_size:(k + 1) * cfg.shard_size]
+        return k, shard_items, pool.imap(convert, shard_items, chunksize=4)
+
+    def counted(results):
+        for r in results:
+            bar.update()
+            yield r
+
+    # Keep the next shard's images queued while this shard is written, so workers never idle
+    # at a shard boundary; at most two shards' results are in memory.
+    pending = collections.deque()
+
+    def finish_oldest():
+        k, shard_items, results = pending.popleft()
+        name = f"{split}-{k:06d}"
+        rec = write_shard(out / f"{name}.tar", k * cfg.shard_size, shard_items, counted(results))
+        if cfg.strict and rec["rejected"]:
+            path, why = rec["rejected"][0]
+            raise UserError(f"{cfg.src / path}: {why} (--strict)")
+        rec["job"] = job
+        write_json(parts / f"{name}.json", rec)
+        records[k] = rec
+
+    for k in todo:
+        pending.append(submit(k))
+        if len(pending) == 2:
+            finish_oldest()
+    while pending:
+        finish_oldest()
+    bar.close()
+    shards = [records[k] for k in range(n_shards)]
+    rejected = [r for s in shards for r in s["rejected"]]
+    atomic_write_bytes(out / "rejected.tsv",
+                       ("path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in rejected)).encode())
+    return {
+        "count": sum(s["count"] for s in shards),
+        "source_files": len(items),
+        "rejected": len(rejected),
+        "shards": [{"tar": f"{split}/{split}-{k:06d}.tar", "idx": f"{split}/{split}-{k:06d}.idx",
+                    "count": s["count"], "bytes": s["bytes"], "sha256": s["sha256"]}
+                   for k, s in enumerate(shards)],
+    }
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """The whole job; returns the manifest."""
+    items, classes, labelling, val_source = scan(cfg)
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        probe = cfg.out / ".alexpipe-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{cfg.out}: not writable ({e.strerror})") from None
+    settings = {"short_side": SHORT_SIDE, "center_crop": cfg.center_crop, "quality": cfg.quality,
+                "seed": cfg.seed, "shard_size": cfg.shard_size, "resample": RESAMPLE.name.lower(),
+                "labels": labelling}
+    manifest_path = cfg.out / MANIFEST
+    old = read_json(manifest_path, "manifest") if manifest_path.exists() else None
+    if old is not None and (old.get("settings") != settings or old.get("classes") != classes):
+        raise UserError(f"{manifest_path}: OUT was prepared with other settings or classes "
+                        f"({old.get('settings')}); use a new OUT")
+    if labelling == "imagenet":
+        print(f"labels: standard ILSVRC-2012 indices ({len({i.wnid for its in items.values() for i in its})} "
+              f"of the 1000 classes present)")
+    else:
+        print(f"labels: folder names are not ImageNet wnids; using sorted folder order "
+              f"({len(classes)} classes)")
+    if val_source:
+        print(f"val labels: {val_source}")
+    print(flush=True)
+    splits = dict(old["splits"]) if old else {}
+    t0 = time.perf_counter()
+    n_images = 0
+    with Pool(cfg.workers, initializer=_ignore_sigint) as pool:
+        for split, its in items.items():
+            its = shuffled(its, cfg.seed)
+            splits[split] = prepare_split(cfg, split, its, pool)
+            n_images += len(its)
+    manifest = {"format": MANIFEST_FORMAT, "alexpipe": __version__, "settings": settings,
+                "val_labels": val_source if val_source else (old or {}).get("val_labels"),
+                "classes": [list(c) for c in classes], "splits": splits}
+    write_json(manifest_path, manifest)
+    dt = time.perf_counter() - t0
+    for split in items:
+        s = splits[split]
+        size = sum(x["bytes"] for x in s["shards"])
+        print(f"{split}: {s['count']} samples in {len(s['shards'])} shards ({size / 1e6:.1f} MB), "
+              f"{s['rejected']} rejected (see {cfg.out / split / 'rejected.tsv'})")
+    print(f"done in {dt:.1f} s ({n_images / dt:.0f} images/s with {cfg.workers} workers); "
+          f"manifest: {manifest_path}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------- verify
+
+def verify_shard(out: Path, shard: dict, center_crop: bool) -> list[str]:
+    """Problems found in one shard: size, sha256, index, sample count, decodability, geometry."""
+    import tarfile
+    tar_path, idx_path = out / shard["tar"], out / shard["idx"]
+    if not tar_path.exists():
+        return [f"{tar_path}: missing"]
+    problems = []
+    if tar_path.stat().st_size != shard["bytes"] or sha256_file(tar_path) != shard["sha256"]:
+        problems.append(f"{tar_path}: size or sha256 differs from the manifest")
+    try:
+        samples = collections.defaultdict(dict)
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                samples[key][ext] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, ValueError) as e:
+        return problems + [f"{tar_path}: unreadable tar ({e})"]
+    if len(samples) != shard["count"]:
+        problems.append(f"{tar_path}: {len(samples)} samples, manifest says {shard['count']}")
+    for key, s in samples.items():
+        if set(s) != {"jpg", "cls", "json"}:
+            problems.append(f"{tar_path}: sample {key} has components {sorted(s)}")
+            continue
+        try:
+            with Image.open(io.BytesIO(s["jpg"])) as img:
+                img.load()
+                w, h = img.size
+            ok = (w, h) == (SHORT_SIDE, SHORT_SIDE) if center_crop else min(w, h) == SHORT_SIDE
+            if img.format != "JPEG" or not ok:
+                problems.append(f"{tar_path}: sample {key} is {img.format} {w}x{h}")
+            int(s["cls"])
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{tar_path}: sample {key} does not decode ({type(e).__name__}: {e})")
+    if not idx_path.exists():
+        problems.append(f"{idx_path}: missing")
+    elif idx_path.read_text() != index_text(tar_path)[0]:
+        problems.append(f"{idx_path}: does not match the tar")
+    return problems
+
+
+def verify(out: Path, workers: int) -> int:
+    from .util import load_manifest
+    manifest = load_manifest(out)
+    center_crop = manifest["settings"]["center_crop"]
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    problems, n = [], 0
+    with Pool(workers, initializer=_ignore_sigint) as pool:
+        check = partial(verify_shard, out, center_crop=center_crop)
+        for shard, found in zip(shards, tqdm(pool.imap(check, shards), total=len(shards), unit="shard")):
+            problems += found
+            n += shard["count"]
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"verify: {len(problems)} problems in {out}")
+        return 1
+    print(f"verify: OK - {len(shards)} shards, {n} samples, every sha256 and index matches, every JPEG decodes")
+    return 0
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="alexpipe-prepare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Turn an ImageNet tree into shuffled 256-px WebDataset shards with DALI "
+                    "index files and a manifest. `alexpipe-prepare --verify OUT` checks them.")
+    p.add_argument("src", type=Path, nargs="?", help="ImageNet root with train/<wnid>/ and val/")
+    p.add_argument("out", type=Path, nargs="?", help="output directory")
+    p.add_argument("--split", choices=["train", "val", "both"], default="both")
+    p.add_argument("--workers", type=int, default=default_workers(), help="processes (default: all cores)")
+    p.add_argument("--shard-size", type=int, default=PrepareConfig.shard_size, help="samples per shard")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
+    p.add_argument("--center-crop", action="store_true",
+                   help="store the central 256x256 square (the paper) instead of the short-side-256 image")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    p.add_argument("--val-labels", type=Path, default=None,
+                   help="label file for a flat val folder (LOC_val_solution.csv or the devkit's "
+                        "ILSVRC2012_validation_ground_truth.txt); found automatically if omitted")
+    p.add_argument("--verify", type=Path, metavar="OUT", default=None,
+                   help="re-read every shard of OUT against its manifest and exit")
+    args = p.parse_args(argv)
+    if args.verify is None and (args.src is None or args.out is None):
+        p.error("SRC and OUT are required (or --verify OUT)")
+    if args.workers < 1 or args.shard_size < 1 or not 1 <= args.quality <= 100:
+        p.error("--workers and --shard-size must be >= 1 and --quality in 1..100")
+    return args
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    if args.verify is not None:
+        return verify(args.verify, args.workers)
+    cfg = PrepareConfig(src=args.src, out=args.out, split=args.split, workers=args.workers,
+                        shard_size=args.shard_size, seed=args.seed, quality=args.quality,
+                        center_crop=args.center_crop, strict=args.strict, val_labels=args.val_labels)
+    print_config("alexpipe-prepare", cfg)
+    prepare(cfg)
+    write_json(cfg.out / "prepare-config.json", config_dict(cfg))
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main("alexpipe-prepare", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

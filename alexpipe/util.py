@@ -1,0 +1,129 @@
+"""Pieces every stage shares: the one-line user error, config printing and saving,
+atomic file writes, the ILSVRC-2012 class list and the manifest that ties the stages
+together. Kept to plain functions so each stage module reads top to bottom."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "alexpipe-shards-v1"
+
+
+class UserError(Exception):
+    """Bad input from the user (a path, an argument, a file's contents).
+
+    Every console script catches it and prints it as one line with exit code 2, so a
+    user sees what to fix instead of a traceback."""
+
+
+def run_main(prog: str, body, argv) -> int:
+    """Run a console script's body, turning UserError into `prog: error: ...` + exit 2
+    and Ctrl-C into exit 130 (what was already written is complete by construction)."""
+    try:
+        return body(argv) or 0
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def default_workers() -> int:
+    """All cores this process may run on (respects taskset/cgroup CPU affinity)."""
+    return len(os.sched_getaffinity(0))
+
+
+def config_dict(cfg) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def print_config(prog: str, cfg) -> None:
+    """Print the whole config at start, one key a line, so a log says what ran."""
+    print(f"{prog} config:")
+    for k, v in config_dict(cfg).items():
+        print(f"  {k}: {v}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary beside `path`, fsync, then rename: a reader (or a rerun after
+    a crash) sees either the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Read a JSON file that alexpipe wrote, with a one-line error if it is missing or broken."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read {what}: {e}") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def imagenet_classes() -> list[tuple[int, str, str]]:
+    """The 1000 ILSVRC-2012 classes as (index, wnid, name); index = position of the wnid in
+    sorted order, the labelling torchvision and every published checkpoint use."""
+    rows = []
+    for line in (Path(__file__).parent / "classes.tsv").read_text().splitlines()[1:]:
+        index, wnid, name = line.split("\t")
+        rows.append((int(index), wnid, name))
+    return rows
+
+
+def load_manifest(out: Path) -> dict:
+    """The manifest alexpipe-prepare wrote last; its absence means OUT is not (fully) prepared."""
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"{out}: no such directory (run alexpipe-prepare first)")
+    path = out / MANIFEST
+    if not path.exists():
+        raise UserError(f"{path}: not found - {out} is not a finished alexpipe-prepare output "
+                        f"(run or rerun alexpipe-prepare)")
+    manifest = read_json(path, "manifest")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path}: not an alexpipe manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def manifest_sha256(out: Path) -> str:
+    """Identity of a prepared dataset: later files (pca.json, checkpoints) record it so a
+    stale one is refused."""
+    return sha256_file(Path(out) / MANIFEST)
+
+
+def split_shards(manifest: dict, out: Path, split: str) -> list[dict]:
+    """The non-empty shards of a split, with absolute tar and index paths."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise UserError(f"{Path(out) / MANIFEST}: split {split!r} was not prepared "
+                        f"(prepared: {', '.join(sorted(splits)) or 'none'})")
+    shards = []
+    for s in splits[split]["shards"]:
+        if s["count"]:
+            shards.append({**s, "tar": str(Path(out) / s["tar"]), "idx": str(Path(out) / s["idx"])})
+    return shards
