@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -344,7 +345,6 @@ def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> di
     if records:
         print(f"{split}: {len(records)} of {n_shards} shards already complete, resuming", flush=True)
     convert = partial(convert_one, cfg.src, cfg.center_crop, cfg.quality)
-    bar = tqdm(total=len(items), initial=done_items, unit="img", desc=split, smoothing=0.05)
 
     def submit(k):
         shard_items = items[k * cfg.shard_size:(k + 1) * cfg.shard_size]
@@ -370,13 +370,13 @@ def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> di
         write_json(parts / f"{name}.json", rec)
         records[k] = rec
 
-    for k in todo:
-        pending.append(submit(k))
-        if len(pending) == 2:
+    with tqdm(total=len(items), initial=done_items, unit="img", desc=split, smoothing=0.05) as bar:
+        for k in todo:
+            pending.append(submit(k))
+            if len(pending) == 2:
+                finish_oldest()
+        while pending:
             finish_oldest()
-    while pending:
-        finish_oldest()
-    bar.close()
     shards = [records[k] for k in range(n_shards)]
     rejected = [r for s in shards for r in s["rejected"]]
     atomic_write_bytes(out / "rejected.tsv",
@@ -421,11 +421,15 @@ def prepare(cfg: PrepareConfig) -> dict:
     splits = dict(old["splits"]) if old else {}
     t0 = time.perf_counter()
     n_images = 0
-    with Pool(cfg.workers, initializer=_ignore_sigint) as pool:
-        for split, its in items.items():
-            its = shuffled(its, cfg.seed)
-            splits[split] = prepare_split(cfg, split, its, pool)
-            n_images += len(its)
+    try:
+        with Pool(cfg.workers, initializer=_ignore_sigint) as pool:
+            for split, its in items.items():
+                its = shuffled(its, cfg.seed)
+                splits[split] = prepare_split(cfg, split, its, pool)
+                n_images += len(its)
+    except KeyboardInterrupt:
+        print(f"\ncomplete shards are kept; rerun the same command to resume", file=sys.stderr)
+        raise
     manifest = {"format": MANIFEST_FORMAT, "alexpipe": __version__, "settings": settings,
                 "val_labels": val_source if val_source else (old or {}).get("val_labels"),
                 "classes": [list(c) for c in classes], "splits": splits}
@@ -528,8 +532,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.verify is None and (args.src is None or args.out is None):
         p.error("SRC and OUT are required (or --verify OUT)")
-    if args.workers < 1 or args.shard_size < 1 or not 1 <= args.quality <= 100:
-        p.error("--workers and --shard-size must be >= 1 and --quality in 1..100")
+    for name in ("workers", "shard_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality must be in 1..100, got {args.quality}")
     return args
 
 

@@ -1,0 +1,63 @@
+"""Shared test data: a synthetic tree (always available) and a tree built from the 500
+real ILSVRC-2012 images in ../shared (tests that need it skip where it is absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from alexpipe.prepare import PrepareConfig, prepare
+from alexpipe.sample import SampleConfig, make_sample
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
+N_REAL_VAL = 50  # of the 500 real images, these also form a flat val split
+
+
+def real_images() -> list[Path]:
+    if not REAL_SAMPLE.is_dir():
+        pytest.skip(f"{REAL_SAMPLE} not present (real ImageNet sample images are not shipped)")
+    return sorted(REAL_SAMPLE.glob("*.JPEG"))
+
+
+@pytest.fixture(scope="session")
+def real_tree(tmp_path_factory) -> Path:
+    """SRC/train/<wnid>/<file> for all 500 real images, and a flat SRC/val of 50 of them
+    (ILSVRC2012_val_NNNNNNNN.JPEG) with Kaggle's LOC_val_solution.csv. Symlinks, no copies."""
+    images = real_images()
+    root = tmp_path_factory.mktemp("real")
+    for p in images:
+        wnid = p.name.split("_")[0]
+        (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        os.symlink(p, root / "train" / wnid / p.name)
+    (root / "val").mkdir()
+    rows = ["ImageId,PredictionString"]
+    for i, p in enumerate(images[::len(images) // N_REAL_VAL][:N_REAL_VAL]):
+        name = f"ILSVRC2012_val_{i + 1:08d}"
+        os.symlink(p, root / "val" / f"{name}.JPEG")
+        rows.append(f"{name},{p.name.split('_')[0]} 1 2 3 4")
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_out(real_tree, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("real_out")
+    prepare(PrepareConfig(src=real_tree, out=out, workers=2, shard_size=128))
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth") / "tree"
+    make_sample(SampleConfig(dir=root, classes=4, train_per_class=12, val_per_class=3))
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_out(synth_tree, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth_out")
+    prepare(PrepareConfig(src=synth_tree, out=out, workers=2, shard_size=16))
+    return out
