@@ -34,6 +34,7 @@ import io
 import json
 import os
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,7 +42,6 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -251,18 +251,39 @@ def load_resized(path, center_crop: bool, draft: bool = True) -> tuple[Image.Ima
         return rgb.resize(out_size, RESAMPLE, box=box), info
 
 
-def convert_one(src: Path, center_crop: bool, quality: int, item: Item):
-    """Worker: one source file to (jpeg bytes, json bytes), or (None, reason) if it is
-    not a readable image. Any exception while reading is the file's fault."""
+def tar_members(key: str, files: dict[str, bytes]) -> tuple[bytes, list[str]]:
+    """One sample's files as tar bytes (USTAR headers from tarfile, data padded to 512)
+    and their DALI index entries 'ext offset size name' with offsets from the sample's
+    start. Built in the workers: tarfile's writer in the single writing process cost
+    0.8 ms of CPU per sample (measured, 14% of a worker's decode+resize+encode), which
+    capped the scaling over workers; now the writer only concatenates."""
+    chunks, entries, pos = [], [], 0
+    for ext in sorted(files):
+        data = files[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+        header = info.tobuf(tarfile.USTAR_FORMAT)
+        pad = -len(data) % tarfile.BLOCKSIZE
+        chunks += [header, data, tarfile.NUL * pad]
+        entries.append([ext, pos + len(header), len(data), info.name])
+        pos += len(header) + len(data) + pad
+    return b"".join(chunks), entries
+
+
+def convert_one(src: Path, center_crop: bool, quality: int, task: tuple[int, Item]):
+    """Worker: one source file to its sample's tar bytes and index entries, or
+    (None, reason) if it is not a readable image. Any exception while reading is the
+    file's fault."""
+    index, item = task
     try:
         img, info = load_resized(src / item.path, center_crop)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=quality)
     except Exception as e:  # noqa: BLE001 - unreadable, truncated, empty, not an image...
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        return None, reason
+        return None, " ".join(f"{type(e).__name__}: {e}".split())
     meta = {"src": item.path, "wnid": item.wnid, "label": item.label, **info}
-    return buf.getvalue(), json.dumps(meta, sort_keys=True).encode()
+    return tar_members(f"{index:08d}", {"jpg": buf.getvalue(), "cls": str(item.label).encode(),
+                                        "json": json.dumps(meta, sort_keys=True).encode()})
 
 
 def _ignore_sigint():
@@ -276,7 +297,6 @@ def index_text(tar_path: Path) -> tuple[str, int]:
     """DALI's index (the format of its wds2idx tool): 'v1.2 N', then per sample its
     components as 'ext data_offset size name'. Built by reading the tar's headers back, so
     it describes the bytes on disk. Returns the text and the sample count."""
-    import tarfile
     samples = collections.OrderedDict()
     with tarfile.open(tar_path) as tar:
         for m in tar:
@@ -287,25 +307,31 @@ def index_text(tar_path: Path) -> tuple[str, int]:
     return text, len(samples)
 
 
-def write_shard(tar_path: Path, first: int, items: list[Item], results) -> dict:
-    """Stream one shard's converted samples into a temporary tar, fsync, rename, index.
-    Returns the shard's record (without the job id)."""
+def write_shard(tar_path: Path, items: list[Item], results) -> dict:
+    """Stream one shard's samples into a temporary tar (hashing as it goes), fsync, rename,
+    then write its index. Returns the shard's record (without the job id). The bytes equal
+    what tarfile.TarFile would write for the same members."""
     tmp = tar_path.with_name(f".{tar_path.name}.tmp")
-    rejected = []
+    rejected, lines, pos = [], [], 0
+    sha = hashlib.sha256()
     with open(tmp, "wb") as f:
-        with wds.TarWriter(f, encoder=False, mtime=0, user="", group="", mode=0o444) as tw:
-            for k, (item, (jpg, meta)) in enumerate(zip(items, results)):
-                if jpg is None:
-                    rejected.append([item.path, meta])
-                    continue
-                tw.write({"__key__": f"{first + k:08d}", "jpg": jpg,
-                          "cls": str(item.label).encode(), "json": meta})
+        def put(data: bytes):
+            f.write(data)
+            sha.update(data)
+        for item, (member, entries) in zip(items, results):
+            if member is None:
+                rejected.append([item.path, entries])
+                continue
+            put(member)
+            lines.append(" ".join(f"{ext} {pos + off} {size} {name}" for ext, off, size, name in entries))
+            pos += len(member)
+        end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # end-of-archive, padded to a whole record
+        put(end + tarfile.NUL * (-(pos + len(end)) % tarfile.RECORDSIZE))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, tar_path)
-    text, count = index_text(tar_path)
-    atomic_write_bytes(tar_path.with_suffix(".idx"), text.encode())
-    return {"count": count, "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path),
+    atomic_write_bytes(tar_path.with_suffix(".idx"), f"v1.2 {len(lines)}\n{''.join(x + chr(10) for x in lines)}".encode())
+    return {"count": len(lines), "bytes": tar_path.stat().st_size, "sha256": sha.hexdigest(),
             "rejected": rejected}
 
 
@@ -348,7 +374,8 @@ def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> di
 
     def submit(k):
         shard_items = items[k * cfg.shard_size:(k + 1) * cfg.shard_size]
-        return k, shard_items, pool.imap(convert, shard_items, chunksize=4)
+        tasks = enumerate(shard_items, start=k * cfg.shard_size)  # sample key = position in the split
+        return k, shard_items, pool.imap(convert, tasks, chunksize=16)
 
     def counted(results):
         for r in results:
@@ -362,7 +389,7 @@ def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> di
     def finish_oldest():
         k, shard_items, results = pending.popleft()
         name = f"{split}-{k:06d}"
-        rec = write_shard(out / f"{name}.tar", k * cfg.shard_size, shard_items, counted(results))
+        rec = write_shard(out / f"{name}.tar", shard_items, counted(results))
         if cfg.strict and rec["rejected"]:
             path, why = rec["rejected"][0]
             raise UserError(f"{cfg.src / path}: {why} (--strict)")
@@ -449,7 +476,6 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 def verify_shard(out: Path, shard: dict, center_crop: bool) -> list[str]:
     """Problems found in one shard: size, sha256, index, sample count, decodability, geometry."""
-    import tarfile
     tar_path, idx_path = out / shard["tar"], out / shard["idx"]
     if not tar_path.exists():
         return [f"{tar_path}: missing"]

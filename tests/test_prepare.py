@@ -340,3 +340,15 @@ def test_bad_input_gives_one_line_and_exit_2(case, synth_tree, tmp_path, capsys)
     assert len(err) == 1, err
     assert "error" in err[-1]
     assert not (out / "manifest.json").exists()
+
+
+def test_index_files_equal_dalis_wds2idx(synth_out, tmp_path):
+    """The .idx next to each tar is byte-identical to what DALI's own wds2idx tool writes."""
+    wds2idx = pytest.importorskip("wds2idx")  # shipped with nvidia-dali
+    manifest = json.loads((synth_out / "manifest.json").read_text())
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    for s in shards:
+        theirs = tmp_path / "theirs.idx"
+        with wds2idx.IndexCreator(str(synth_out / s["tar"]), str(theirs), verbose=False) as ic:
+            ic.create_index()
+        assert theirs.read_bytes() == (synth_out / s["idx"]).read_bytes(), s["tar"]
