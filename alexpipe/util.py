@@ -127,3 +127,55 @@ def split_shards(manifest: dict, out: Path, split: str) -> list[dict]:
         if s["count"]:
             shards.append({**s, "tar": str(Path(out) / s["tar"]), "idx": str(Path(out) / s["idx"])})
     return shards
+
+
+def check_shards(shards: list[dict], hash_them: bool, workers: int) -> None:
+    """Every shard and index present, with the manifest's byte size (and sha256): a
+    missing, truncated or altered shard is named before any work starts, and in an altered
+    one the JPEG that no longer decodes. This is also what keeps corrupt JPEGs away from
+    DALI: its CPU decoder (2.4.0) can crash the process on one (a segfault in
+    ImageDecoder's worker lambda, seen here) instead of raising. Threads: hashing
+    releases the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(s: dict) -> str | None:
+        tar = Path(s["tar"])
+        if not tar.exists():
+            return f"{tar}: shard missing"
+        if not Path(s["idx"]).exists():
+            return f"{s['idx']}: index missing"
+        if tar.stat().st_size != s["bytes"]:
+            return f"{tar}: {tar.stat().st_size} bytes, the manifest says {s['bytes']} (truncated or rewritten)"
+        if hash_them and sha256_file(tar) != s["sha256"]:
+            return find_bad_sample([s]) or f"{tar}: sha256 differs from the manifest (corrupted or rewritten)"
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        for p in ex.map(problem, shards):
+            if p:
+                raise UserError(p)
+
+
+def find_bad_sample(shards: list[dict]) -> str | None:
+    """Name the shard and key of a JPEG that does not decode (DALI's decoder error does not
+    say which sample failed); shards whose sha256 differs from the manifest are searched
+    first. Returns None if every JPEG decodes with PIL."""
+    import io
+
+    from PIL import Image
+
+    for s in sorted(shards, key=lambda s: sha256_file(Path(s["tar"])) == s["sha256"]):
+        lines = Path(s["idx"]).read_text().splitlines()[1:]
+        with open(s["tar"], "rb") as f:
+            for line in lines:
+                fields = line.split()
+                for ext, offset, size, name in zip(*[iter(fields)] * 4):
+                    if ext != "jpg":
+                        continue
+                    f.seek(int(offset))
+                    try:
+                        with Image.open(io.BytesIO(f.read(int(size)))) as img:
+                            img.load()
+                    except Exception as e:  # noqa: BLE001 - whatever the decoder says
+                        return f"{s['tar']}: sample {name.split('.')[0]} does not decode ({type(e).__name__}: {e})"
+    return None

@@ -1,0 +1,225 @@
+"""alexpipe-pca: exact RGB statistics of a prepared split in one streaming pass.
+
+AlexNet's colour augmentation adds eigvec @ (alpha * eigval) to every pixel, with the
+eigen-decomposition of the 3x3 covariance of RGB values over the training set; the loader
+also normalizes with the per-channel mean and std. Both come from here.
+
+Exactness: each image's channel sums and sums of products are computed in int64 on the
+device (GPU with nvJPEG, or CPU) and accumulated in Python integers, so the totals are
+exact whatever the order, batch or thread count; mean, covariance and eigenpairs are
+computed from them once, in float64. Memory is constant: 12 numbers per image leave the
+decoder. Pixels are on the 0..255 scale (written into the output as "scale").
+
+Conventions: cov is the unbiased sample covariance (divide by n-1); std = sqrt(diag(cov));
+eigval descending; eigvec columns are the eigenvectors, each with its largest-magnitude
+component made positive. A jackknife over 16 interleaved groups of images gives standard
+errors of mean, std and eigval, so a --fraction run says how far it can be trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .pipeline import READER, rgb_stats_pipeline
+from .util import (UserError, check_shards, config_dict, default_workers, find_bad_sample, load_manifest,
+                   manifest_sha256, print_config, run_main, split_shards, write_json)
+
+GROUPS = 16  # jackknife groups: image ordinal mod 16
+# fb.resnet.torch's widely used ImageNet values (pixels on 0..1), for comparison only.
+FB_RESNET_EIGVAL = [0.2175, 0.0188, 0.0045]
+FB_RESNET_EIGVEC = [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]
+
+
+@dataclass
+class PCAConfig:
+    out: Path
+    split: str = "train"
+    device: str = "auto"
+    workers: int = field(default_factory=default_workers)
+    fraction: float = 1.0
+    seed: int = 0
+    batch_size: int = 256
+    output: Path | None = None  # default OUT/pca.json
+
+
+# A row of sufficient statistics: images, pixels, channel sums (3), sums of products
+# rr rg rb gg gb bb (6). Rows are numpy object arrays of Python ints, so adding them is exact.
+ROW = 11
+
+
+def statistics(row) -> dict:
+    """mean, std, cov, eigval, eigvec from exact sums: the covariance numerator
+    n*ss - s s^T is formed in integers, then divided once (correctly rounded)."""
+    n, s = int(row[1]), [int(v) for v in row[2:5]]
+    rr, rg, rb, gg, gb, bb = (int(v) for v in row[5:11])
+    ss = [[rr, rg, rb], [rg, gg, gb], [rb, gb, bb]]
+    if n < 2:
+        raise UserError("fewer than 2 pixels: nothing to compute")
+    cov = np.array([[(n * ss[i][j] - s[i] * s[j]) / (n * (n - 1)) for j in range(3)] for i in range(3)])
+    eigval, eigvec = np.linalg.eigh(cov)
+    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+    for k in range(3):  # sign convention: largest-magnitude component positive
+        if eigvec[np.argmax(np.abs(eigvec[:, k])), k] < 0:
+            eigvec[:, k] = -eigvec[:, k]
+    return {"mean": [si / n for si in s], "std": np.sqrt(np.diag(cov)).tolist(), "cov": cov.tolist(),
+            "eigval": eigval.tolist(), "eigvec": eigvec.tolist()}
+
+
+def jackknife(groups: np.ndarray) -> dict:
+    """Delete-one-group jackknife standard errors of mean, std and eigval."""
+    total = groups.sum(0)
+    used = [g for g in groups if g[1]]
+    if len(used) < 2:
+        return {}
+    reps = [statistics(total - g) for g in used]
+    k = len(used)
+    out = {}
+    for key in ("mean", "std", "eigval"):
+        v = np.array([r[key] for r in reps])
+        out[key] = np.sqrt((k - 1) / k * ((v - v.mean(0)) ** 2).sum(0)).tolist()
+    return out
+
+
+def choose_shards(shards: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A seeded random subset of whole shards. Prepared shards are a uniform shuffle of the
+    split, so whole shards are a uniform random sample of images, and reading them stays
+    sequential."""
+    if fraction >= 1:
+        return shards
+    k = max(1, round(fraction * len(shards)))
+    pick = sorted(np.random.default_rng(seed).permutation(len(shards))[:k])
+    return [shards[i] for i in pick]
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "gpu"):
+        raise UserError(f"--device must be cpu, gpu or auto, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+    if torch.cuda.is_available():
+        return "gpu"
+    if device == "gpu":
+        raise UserError("--device gpu: no CUDA GPU is visible (use --device cpu)")
+    return "cpu"
+
+
+def accumulate(shards: list[dict], device: str, workers: int, batch_size: int) -> np.ndarray:
+    """The streaming pass over every image of `shards`: one exact row of sums per
+    jackknife group (image ordinal mod GROUPS), as a (GROUPS, ROW) object array."""
+    total_images = sum(s["count"] for s in shards)
+    pipe = rgb_stats_pipeline(shards, device, batch_size=batch_size, num_threads=max(1, workers),
+                              device_id=0 if device == "gpu" else None, prefetch_queue_depth=2)
+    pipe.build()
+    if pipe.epoch_size(READER) != total_images:
+        raise UserError(f"the shards hold {pipe.epoch_size(READER)} samples, the manifest says {total_images}")
+    groups = np.zeros((GROUPS, ROW), dtype=object)
+    ordinal = 0
+    with tqdm(total=total_images, unit="img", desc="pca", smoothing=0.05) as bar:
+        while ordinal < total_images:
+            try:
+                sums, squares, cross, shapes = pipe.run()
+            except RuntimeError as e:
+                where = find_bad_sample(shards)
+                raise UserError(where or f"decoding failed: {str(e).splitlines()[0]}") from None
+            k = min(len(shapes), total_images - ordinal)  # drop the last batch's padding
+            sums, sq, cr, shapes = (np.asarray((t.as_cpu() if device == "gpu" and t is not shapes else t)
+                                               .as_tensor())[:k].astype(np.int64)
+                                    for t in (sums, squares, cross, shapes))
+            prods = sq[:, :1], cr[:, :1], cr[:, 2:], sq[:, 1:2], cr[:, 1:2], sq[:, 2:]  # rr rg rb gg gb bb
+            rows = np.concatenate([np.ones((k, 1), np.int64), shapes[:, :1] * shapes[:, 1:2], sums, *prods], axis=1)
+            batch = np.zeros((GROUPS, ROW), np.int64)  # within a batch int64 cannot overflow
+            np.add.at(batch, (ordinal + np.arange(k)) % GROUPS, rows)
+            groups += batch.astype(object)
+            ordinal += k
+            bar.update(k)
+    return groups
+
+
+def compute(cfg: PCAConfig) -> dict:
+    manifest = load_manifest(cfg.out)
+    if not 0 < cfg.fraction <= 1:
+        raise UserError(f"--fraction must be in (0, 1], got {cfg.fraction}")
+    device = resolve_device(cfg.device)
+    shards = choose_shards(split_shards(manifest, cfg.out, cfg.split), cfg.fraction, cfg.seed)
+    if not shards:
+        raise UserError(f"{cfg.out}: split {cfg.split!r} has no samples")
+    check_shards(shards, hash_them=True, workers=cfg.workers)
+    t0 = time.perf_counter()
+    groups = accumulate(shards, device, cfg.workers, cfg.batch_size)
+    seconds = time.perf_counter() - t0
+    total = groups.sum(0)
+    result = {
+        **statistics(total),
+        "stderr": jackknife(groups),
+        "scale": 255, "eigvec_layout": "columns", "std_ddof": 1,
+        "sign_convention": "each eigenvector's largest-magnitude component is positive",
+        "pixels": int(total[1]), "images": int(total[0]), "split": cfg.split, "fraction": cfg.fraction,
+        "shards": [Path(s["tar"]).name for s in shards],
+        "decoder": "nvjpeg (DALI mixed)" if device == "gpu" else "libjpeg-turbo (DALI cpu)",
+        "sums": {"pixels": str(total[1]), "s": [str(v) for v in total[2:5]],
+                 "rr_rg_rb_gg_gb_bb": [str(v) for v in total[5:]]},
+        "manifest_sha256": manifest_sha256(cfg.out),
+        "seconds": round(seconds, 2), "images_per_second": round(int(total[0]) / seconds, 1),
+    }
+    return result
+
+
+def report(r: dict) -> str:
+    """The numbers for people, with fb.resnet.torch's ImageNet values for comparison."""
+    se = r["stderr"]
+    fmt = lambda v: "[" + ", ".join(f"{x:8.4f}" for x in v) + "]"  # noqa: E731
+    eig01 = [v / 255 ** 2 for v in r["eigval"]]
+    lines = [
+        f"{r['images']} images, {r['pixels']} pixels ({r['split']}, fraction {r['fraction']}), "
+        f"{r['images_per_second']:.0f} images/s with {r['decoder']}",
+        f"mean (0..255)   {fmt(r['mean'])}" + (f"  +- {fmt(se['mean'])}" if se else ""),
+        f"std  (0..255)   {fmt(r['std'])}" + (f"  +- {fmt(se['std'])}" if se else ""),
+        f"eigval (0..255) {fmt(r['eigval'])}" + (f"  +- {fmt(se['eigval'])}" if se else ""),
+        f"eigval / 255^2  {fmt(eig01)}   fb.resnet.torch ImageNet (0..1): {fmt(FB_RESNET_EIGVAL)}",
+        "eigvec (columns)                     fb.resnet.torch ImageNet:",
+    ]
+    for row, ref in zip(r["eigvec"], FB_RESNET_EIGVEC):
+        lines.append(f"  {fmt(row)}          {fmt(ref)}")
+    return "\n".join(lines)
+
+
+def parse_args(argv) -> PCAConfig:
+    p = argparse.ArgumentParser(prog="alexpipe-pca", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Exact per-channel mean/std and RGB covariance eigenpairs of a "
+                                            "prepared split, for normalization and AlexNet's PCA lighting.")
+    p.add_argument("out", type=Path, help="the directory alexpipe-prepare wrote")
+    p.add_argument("--split", default="train")
+    p.add_argument("--device", default="auto", help="gpu (DALI mixed decoder), cpu, or auto (gpu if present)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="DALI threads (default: all cores)")
+    p.add_argument("--fraction", type=float, default=1.0, help="use a seeded random subset of the shards")
+    p.add_argument("--seed", type=int, default=0, help="which shards --fraction picks")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--output", type=Path, default=None, help="default: OUT/pca.json")
+    return PCAConfig(**vars(p.parse_args(argv)))
+
+
+def _main(argv) -> int:
+    cfg = parse_args(argv)
+    print_config("alexpipe-pca", cfg)
+    result = compute(cfg)
+    result["config"] = config_dict(cfg)
+    output = cfg.output or cfg.out / "pca.json"
+    write_json(output, result)
+    print(report(result))
+    print(f"wrote {output}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main("alexpipe-pca", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

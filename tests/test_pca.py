@@ -1,0 +1,150 @@
+"""alexpipe-pca against plain numpy on the same decoded pixels, and on known colours."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexpipe import pca
+from alexpipe.prepare import PrepareConfig, prepare
+from alexpipe.util import sha256_file
+
+
+def numpy_reference(out: Path, split: str = "train"):
+    """Plain numpy over every pixel of every stored JPEG, decoded with PIL (libjpeg-turbo,
+    the decoder DALI's CPU path also uses)."""
+    import webdataset as wds
+    manifest = json.loads((out / "manifest.json").read_text())
+    urls = [str(out / s["tar"]) for s in manifest["splits"][split]["shards"]]
+    n, s, ss, images = 0, np.zeros(3), np.zeros((3, 3)), 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        x = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), np.float64).reshape(-1, 3)
+        n, s, ss, images = n + len(x), s + x.sum(0), ss + x.T @ x, images + 1
+    mean = s / n
+    cov = (ss - n * np.outer(mean, mean)) / (n - 1)
+    eigval, eigvec = np.linalg.eigh(cov)
+    return images, n, mean, cov, eigval[::-1], eigvec[:, ::-1]
+
+
+def run(out: Path, *args, name: str = "pca.json") -> dict:
+    assert pca.main([str(out), "--device", "cpu", "--output", str(out / name), *args]) == 0
+    return json.loads((out / name).read_text())
+
+
+def test_matches_numpy_on_real_images(real_out):
+    r = run(real_out)
+    images, n, mean, cov, eigval, eigvec = numpy_reference(real_out)
+    assert (r["images"], r["pixels"]) == (images, n) == (500, n)
+    np.testing.assert_allclose(r["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(r["cov"], cov, rtol=1e-6)
+    np.testing.assert_allclose(r["std"], np.sqrt(np.diag(cov)), rtol=1e-6)
+    np.testing.assert_allclose(r["eigval"], eigval, rtol=1e-6)
+    v = np.array(r["eigvec"])
+    np.testing.assert_allclose(np.abs(v), np.abs(eigvec), rtol=1e-6, atol=1e-9)
+    # orthonormal columns, and they are eigenvectors of the covariance
+    np.testing.assert_allclose(v.T @ v, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(np.array(r["cov"]) @ v, v * np.array(r["eigval"]), rtol=1e-9, atol=1e-9)
+    # the stated sign convention
+    for k in range(3):
+        assert v[np.argmax(np.abs(v[:, k])), k] > 0
+    # like ImageNet's: one dominant, luminance-like component (all three weights alike)
+    assert r["eigval"][0] > 8 * r["eigval"][1] > 8 * r["eigval"][2] / 8
+    assert np.all(np.abs(v[:, 0] - 1 / np.sqrt(3)) < 0.05)
+    assert r["scale"] == 255 and len(r["manifest_sha256"]) == 64
+
+
+def test_recovers_a_known_colour_covariance(tmp_path):
+    """Flat-colour images whose colours are drawn from N(mu, C): the pixel covariance is the
+    covariance of the drawn colours, and its eigenvectors are C's."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    true_cov = q @ np.diag([900.0, 150.0, 25.0]) @ q.T
+    colours = np.clip(np.round(rng.multivariate_normal([128, 120, 110], true_cov, size=400)), 0, 255)
+    src = tmp_path / "src" / "train" / "flat"
+    src.mkdir(parents=True)
+    for i, c in enumerate(colours):
+        Image.new("RGB", (300, 260), tuple(int(v) for v in c)).save(src / f"{i:03d}.png")
+    out = tmp_path / "out"
+    prepare(PrepareConfig(src=tmp_path / "src", out=out, split="train", workers=2, shard_size=100, center_crop=True))
+    r = run(out)
+    drawn = np.cov(colours.T)
+    d_val, d_vec = np.linalg.eigh(drawn)
+    v = np.array(r["eigvec"])
+    for k in range(3):  # same eigenvectors as the drawn colours' covariance (JPEG moves flat colours ~1 level)
+        assert abs(v[:, k] @ d_vec[:, 2 - k]) > 0.999
+        assert abs(v[:, k] @ np.linalg.eigh(true_cov)[1][:, 2 - k]) > 0.98
+    np.testing.assert_allclose(r["eigval"], d_val[::-1], rtol=0.05)
+    np.testing.assert_allclose(r["mean"], colours.mean(0), atol=1.0)
+
+
+def test_workers_and_batch_size_do_not_change_the_result(synth_out):
+    a = run(synth_out, "--workers", "2", name="a.json")
+    b = run(synth_out, "--workers", "1", "--batch-size", "7", name="b.json")
+    for key in ("sums", "mean", "cov", "eigval", "eigvec", "stderr", "images", "pixels"):
+        assert a[key] == b[key], key
+
+
+def test_fraction_uses_seeded_whole_shards(real_out):
+    manifest = json.loads((real_out / "manifest.json").read_text())
+    counts = {Path(s["tar"]).name: s["count"] for s in manifest["splits"]["train"]["shards"]}
+    r = run(real_out, "--fraction", "0.5", name="half.json")
+    assert len(r["shards"]) == 2 and r["images"] == sum(counts[s] for s in r["shards"])
+    assert run(real_out, "--fraction", "0.5", name="half2.json")["shards"] == r["shards"]
+    assert run(real_out, "--fraction", "0.5", "--seed", "3", name="half3.json")["shards"] != r["shards"]
+    full = run(real_out, name="full.json")
+    # the half-data estimate is within a few of its stated standard errors of the full one
+    for key in ("mean", "eigval"):
+        err = np.abs(np.array(r[key]) - full[key])
+        assert np.all(err < 4 * np.array(r["stderr"][key]) + 1e-9), key
+
+
+def corrupt_copy(src: Path, dst: Path, how: str) -> Path:
+    """Damage shard 1 of the train split behind the manifest's back: cut it in half, destroy
+    its first JPEG's header, or change a byte of its first .json (every JPEG still decodes)."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][1]
+    tar = dst / shard["tar"]
+    data = bytearray(tar.read_bytes())
+    if how == "truncate":
+        tar.write_bytes(bytes(data[: len(data) // 2]))
+        return tar
+    first = (dst / shard["idx"]).read_text().splitlines()[1].split()
+    offset = int(first[first.index("jpg" if how == "bad_jpeg" else "json") + 1])
+    if how == "bad_jpeg":
+        data[offset:offset + 16] = bytes(16)
+    else:
+        data[offset + 2] ^= 1
+    tar.write_bytes(bytes(data))
+    return tar
+
+
+@pytest.mark.parametrize("how", ["sha256", "truncate", "bad_jpeg", "no_manifest", "no_out", "bad_fraction"])
+def test_bad_input_names_the_problem(how, synth_out, tmp_path, capsys):
+    out = tmp_path / "o"
+    expect = None
+    if how in ("sha256", "truncate", "bad_jpeg"):
+        tar = corrupt_copy(synth_out, out, how)
+        key = f"{16:08d}"  # the first sample of shard 1 (shards of 16)
+        expect = {"sha256": f"{tar}: sha256 differs", "truncate": f"{tar}: ",
+                  "bad_jpeg": f"{tar}: sample {key} does not decode"}[how]
+    elif how == "no_manifest":
+        shutil.copytree(synth_out, out)
+        (out / "manifest.json").unlink()
+        expect = "manifest.json: not found"
+    elif how == "no_out":
+        expect = "no such directory"
+    else:
+        shutil.copytree(synth_out, out)
+        expect = "--fraction"
+    args = ["--fraction", "0"] if how == "bad_fraction" else []
+    assert pca.main([str(out), "--device", "cpu", *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "img/s" not in line and line.strip()]
+    assert len(err) == 1 and err[0].startswith("alexpipe-pca: error: ") and expect in err[0], err
+    assert not (out / "pca.json").exists()
