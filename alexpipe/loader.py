@@ -1,0 +1,240 @@
+"""The PyTorch side of the loader: DALI graphs (pipeline.py) as iterables of torch batches,
+usable from any training loop:
+
+    from alexpipe.loader import train_loader, eval_loader
+    for images, labels in train_loader("OUT", batch_size=256):   # one epoch per loop
+        ...
+
+Epochs are defined, not inferred. Rank r of W reads a fixed range of the (per-epoch
+reshuffled) split, of size N*(r+1)//W - N*r//W. Train: every rank yields the same
+number of full batches, min over ranks of size_r // batch_size, so DDP never waits on a
+rank with one batch more; the few samples left over (fewer than W*batch_size, different
+ones each epoch) are not seen that epoch and no sample is seen twice. Eval: every sample
+exactly once, the last batch partial, no padding counted.
+
+State: `state_dict()` (epoch, batch within it, and DALI's own checkpoint of reader
+positions and random generators) restores the exact sample order and augmentation, at an
+epoch boundary or mid-epoch.
+
+alexpipe-preview (main below) draws a grid of augmented training crops and one ten-crop set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import types
+from nvidia.dali.backend import TensorListGPU
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from .pipeline import eval_pipeline, train_pipeline
+from .util import (UserError, check_shards, load_manifest, manifest_sha256, read_json, run_main,
+                   split_shards)
+
+DTYPES = {"float16": (types.FLOAT16, torch.float16), "bfloat16": (types.FLOAT16, torch.bfloat16),
+          "float32": (types.FLOAT, torch.float32)}  # DALI has no bf16: fp16 out, cast on the device
+
+
+def load_pca(out: Path) -> dict:
+    """OUT/pca.json, refused if it was computed for other shards than OUT's manifest."""
+    path = Path(out) / "pca.json"
+    if not path.exists():
+        raise UserError(f"{path}: not found (run alexpipe-pca {out})")
+    pca = read_json(path, "pca.json")
+    if pca.get("manifest_sha256") != manifest_sha256(out):
+        raise UserError(f"{path}: computed for other shards than {Path(out) / 'manifest.json'} (rerun alexpipe-pca)")
+    return pca
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("device gpu: no CUDA GPU is visible (use --device cpu)")
+        return "gpu"
+    if device != "cpu":
+        raise UserError(f"device must be gpu, cpu or auto, got {device!r}")
+    return "cpu"
+
+
+def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def range_sizes(n: int, world: int) -> list[int]:
+    """Samples per rank, as DALI's readers split a dataset: rank r gets [n*r//W, n*(r+1)//W)."""
+    return [n * (r + 1) // world - n * r // world for r in range(world)]
+
+
+class DaliLoader:
+    """Iterate a DALI pipeline as (images, labels) torch batches, one epoch per iteration.
+
+    images: (B, 3, H, W) or, for ten-crop, (B, 10, 3, H, W), on the pipeline's device, in
+    `dtype`, channels_last memory if asked; labels: (B,) int64."""
+
+    def __init__(self, make_pipe, n_samples: int, batch_size: int, rank: int, world: int, drop_last: bool,
+                 torch_dtype, channels_last: bool, state: dict | None = None):
+        sizes = range_sizes(n_samples, world)
+        self.batch_size, self.rank_size = batch_size, sizes[rank]
+        self.reader_batches = math.ceil(self.rank_size / batch_size)  # the reader's padded epoch
+        self.length = min(s // batch_size for s in sizes) if drop_last else self.reader_batches
+        if self.length == 0:
+            raise UserError(f"batch size {batch_size} x {world} ranks is more than the {n_samples} samples")
+        self.drop_last, self.torch_dtype, self.channels_last = drop_last, torch_dtype, channels_last
+        self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
+        self.pipe = make_pipe(state["dali"] if state else None)
+        self.pipe.build()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "dali": self.pipe.checkpoint()}
+
+    @staticmethod
+    def _torch(tl, dtype):
+        """Copy a dense DALI batch into a new torch tensor on the same device (on the
+        current CUDA stream, so it is ordered with the training step that reads it)."""
+        t = tl.as_tensor()
+        if isinstance(tl, TensorListGPU):
+            out = torch.empty(t.shape(), dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
+            return feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream())
+        return feed_ndarray(t, torch.empty(t.shape(), dtype=dtype))
+
+    def __iter__(self):
+        for b in range(self.batch, self.length):
+            images, labels = self.pipe.run()[:2]
+            x = self._torch(images, torch.float32 if self.torch_dtype == torch.float32 else torch.float16)
+            y = self._torch(labels, torch.int64).reshape(-1)
+            keep = self.rank_size - b * self.batch_size
+            if keep < len(y):  # eval's last batch: drop the reader's padding
+                x, y = x[:keep], y[:keep]
+            if self.channels_last:  # DALI wrote HWC: a permuted view is NCHW in channels_last memory
+                x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.permute(0, 1, 4, 2, 3)
+            if x.dtype != self.torch_dtype:
+                x = x.to(self.torch_dtype)
+            self.batch = b + 1
+            yield x, y
+        for _ in range(self.length, self.reader_batches):
+            self.pipe.run()  # train: the dropped remainder and padding, to end the reader's epoch
+        self.epoch, self.batch = self.epoch + 1, 0
+
+
+def _common(out, split, device, rank, world_size, dtype, num_threads, verify):
+    out = Path(out)
+    manifest = load_manifest(out)
+    pca = load_pca(out)
+    shards = split_shards(manifest, out, split)
+    if not shards:
+        raise UserError(f"{out}: split {split!r} has no samples")
+    device = resolve_device(device)
+    rank, world = rank_and_world(rank, world_size)
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    threads = num_threads or (min(8, os.cpu_count() or 1) if device == "gpu" else len(os.sched_getaffinity(0)))
+    # each rank checks its share: present and of the right size, and (verify) its sha256
+    check_shards(shards[rank::world], hash_them=verify, workers=threads)
+    kw = dict(num_threads=threads, device_id=torch.cuda.current_device() if device == "gpu" else None)
+    return out, pca, shards, device, rank, world, kw
+
+
+def train_loader(out, batch_size: int = 256, *, split: str = "train", device: str = "auto", rank: int | None = None,
+                 world_size: int | None = None, seed: int = 0, dtype: str = "float16", channels_last: bool = True,
+                 lighting: float = 0.1, crop: int = 224, num_threads: int | None = None, initial_fill: int = 4096,
+                 prefetch: int = 2, hw_decoder_load: float = 0.65, verify: bool = True,
+                 state: dict | None = None) -> DaliLoader:
+    """AlexNet's training stream: random crop, flip, PCA lighting (alpha ~ N(0, lighting)),
+    normalization with OUT/pca.json's mean and std."""
+    out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
+                                                        num_threads, verify)
+
+    def make(checkpoint):
+        return train_pipeline(shards, device, rank, world, pca["mean"], pca["std"], pca["eigval"], pca["eigvec"],
+                              lighting=lighting, crop=crop, dtype=DTYPES[dtype][0],
+                              layout="HWC" if channels_last else "CHW", initial_fill=initial_fill,
+                              shuffle_seed=seed, hw_decoder_load=hw_decoder_load, batch_size=batch_size,
+                              seed=seed * 100_003 + rank, prefetch_queue_depth=prefetch, checkpoint=checkpoint, **kw)
+
+    n = sum(s["count"] for s in shards)
+    return DaliLoader(make, n, batch_size, rank, world, True, DTYPES[dtype][1], channels_last, state)
+
+
+def eval_loader(out, batch_size: int = 256, *, split: str = "val", ten_crop: bool = False, full_image: bool = False,
+                device: str = "auto", rank: int | None = None, world_size: int | None = None, dtype: str = "float16",
+                channels_last: bool = True, crop: int = 224, num_threads: int | None = None, prefetch: int = 2,
+                verify: bool = True) -> DaliLoader:
+    """Center-crop (or ten-crop) evaluation stream; each rank yields its own samples once."""
+    out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
+                                                        num_threads, verify)
+
+    def make(checkpoint):
+        return eval_pipeline(shards, device, rank, world, pca["mean"], pca["std"], crop=crop,
+                             dtype=DTYPES[dtype][0], layout="HWC" if channels_last else "CHW", ten_crop=ten_crop,
+                             full_image=full_image, batch_size=batch_size, prefetch_queue_depth=prefetch,
+                             checkpoint=checkpoint, **kw)
+
+    n = sum(s["count"] for s in shards)
+    return DaliLoader(make, n, batch_size, rank, world, False, DTYPES[dtype][1], channels_last)
+
+
+# ---------------------------------------------------------------------------- preview
+
+def denormalize(x: torch.Tensor, pca: dict) -> np.ndarray:
+    """(..., 3, H, W) normalized -> (..., H, W, 3) uint8 with the dataset mean, so the
+    lighting shift stays visible."""
+    x = x.float().cpu() * torch.tensor(pca["std"]).view(3, 1, 1) + torch.tensor(pca["mean"]).view(3, 1, 1)
+    return x.clamp(0, 255).round().byte().movedim(-3, -1).numpy()
+
+
+def preview(out: Path, png: Path, n: int, seed: int, device: str) -> None:
+    from PIL import Image
+    pca = load_pca(out)
+    train = train_loader(out, batch_size=n, device=device, seed=seed, dtype="float32", channels_last=False)
+    images, _ = next(iter(train))
+    split = "val" if "val" in load_manifest(out)["splits"] else "train"
+    ten = eval_loader(out, batch_size=1, split=split, ten_crop=True, device=device, dtype="float32",
+                      channels_last=False)
+    crops, _ = next(iter(ten))
+    tiles = list(denormalize(images, pca)) + list(denormalize(crops[0], pca))
+    cols, size, gap = 8, tiles[0].shape[0], 4
+    rows = math.ceil(n / cols) + math.ceil(10 / cols)
+    grid = Image.new("RGB", (cols * (size + gap), rows * (size + gap)), (255, 255, 255))
+    for i, t in enumerate(tiles[:n]):
+        grid.paste(Image.fromarray(t), ((i % cols) * (size + gap), (i // cols) * (size + gap)))
+    top = math.ceil(n / cols)
+    for i, t in enumerate(tiles[n:]):
+        grid.paste(Image.fromarray(t), ((i % cols) * (size + gap), (top + i // cols) * (size + gap)))
+    grid.save(png)
+
+
+def _main(argv) -> int:
+    p = argparse.ArgumentParser(prog="alexpipe-preview", description="Save what the network sees: a grid of "
+                                "augmented training crops (random crop, flip, PCA lighting), then one "
+                                "image's ten crops, de-normalized.")
+    p.add_argument("out", type=Path, help="prepared directory with pca.json")
+    p.add_argument("--png", type=Path, required=True, help="where to write the image")
+    p.add_argument("--n", type=int, default=16, help="training crops to show")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="gpu, cpu or auto")
+    args = p.parse_args(argv)
+    preview(args.out, args.png, args.n, args.seed, args.device)
+    print(f"wrote {args.png}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main("alexpipe-preview", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""The DALI loader on CPU: pixels against a numpy reference of the paper's transforms,
+the statistics of the random augmentation, exact coverage over ranks, resumable state."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nvidia.dali import types
+from PIL import Image
+
+from alexpipe import pca as pca_mod
+from alexpipe.loader import eval_loader, load_pca, train_loader
+from alexpipe.pipeline import train_pipeline
+from alexpipe.util import UserError, load_manifest, split_shards
+
+
+@pytest.fixture(scope="module")
+def real_ready(real_out):
+    if not (real_out / "pca.json").exists():
+        assert pca_mod.main([str(real_out), "--device", "cpu"]) == 0
+    return real_out
+
+
+@pytest.fixture(scope="module")
+def synth_ready(synth_out):
+    if not (synth_out / "pca.json").exists():
+        assert pca_mod.main([str(synth_out), "--device", "cpu"]) == 0
+    return synth_out
+
+
+def read_jpeg(source: str) -> np.ndarray:
+    """A sample's pixels from its DALI source_info 'tar:offset:key.jpg', decoded with PIL."""
+    tar, offset, _ = source.rsplit(":", 2)
+    idx = Path(tar).with_suffix(".idx").read_text().split()
+    size = int(idx[idx.index(offset) + 1])
+    with open(tar, "rb") as f:
+        f.seek(int(offset))
+        return np.asarray(Image.open(io.BytesIO(f.read(size))).convert("RGB"))
+
+
+def anchor(pos: float, free: int) -> int:
+    return int(np.floor(pos * free + 0.5))  # DALI's crop placement: round half up
+
+
+def reference_train(img, pos_x, pos_y, mirror, alpha, p) -> np.ndarray:
+    """The paper's transform in numpy: crop, flip, add eigvec @ (alpha * eigval/255), normalize."""
+    h, w, _ = img.shape
+    y0, x0 = anchor(pos_y, h - 224), anchor(pos_x, w - 224)
+    crop = img[y0:y0 + 224, x0:x0 + 224].astype(np.float64)
+    if mirror:
+        crop = crop[:, ::-1]
+    shift = np.array(p["eigvec"]) @ (np.asarray(alpha, np.float64) * np.array(p["eigval"]) / 255)
+    return ((crop + shift - np.array(p["mean"])) / np.array(p["std"])).transpose(2, 0, 1)
+
+
+def run_train_params(out: Path, batches: int, batch_size: int = 16, seed: int = 0, **kw):
+    p = load_pca(out)
+    shards = split_shards(load_manifest(out), out, "train")
+    pipe = train_pipeline(shards, "cpu", 0, 1, p["mean"], p["std"], p["eigval"], p["eigvec"], with_params=True,
+                          dtype=kw.pop("dtype", types.FLOAT), batch_size=batch_size, num_threads=2, device_id=None,
+                          seed=seed, **kw)
+    pipe.build()
+    rows = []
+    for _ in range(batches):
+        out_, labels, px, py, mir, alpha, src = pipe.run()
+        for i in range(len(labels)):
+            rows.append(dict(x=np.array(out_[i]), label=int(np.array(labels[i])), px=float(np.array(px[i])),
+                             py=float(np.array(py[i])), mirror=int(np.array(mir[i])), alpha=np.array(alpha[i]),
+                             src=bytes(np.array(src[i])).decode()))
+    return p, rows
+
+
+def test_train_pixels_equal_the_papers_transform(real_ready):
+    p, rows = run_train_params(real_ready, batches=3)
+    flips = 0
+    for r in rows:
+        img = read_jpeg(r["src"])
+        ref = reference_train(img, r["px"], r["py"], r["mirror"], r["alpha"], p)
+        assert r["x"].shape == (3, 224, 224)
+        np.testing.assert_allclose(r["x"], ref, atol=2e-4)
+        flips += r["mirror"]
+    assert 0 < flips < len(rows)
+    _, half = run_train_params(real_ready, batches=1, dtype=types.FLOAT16)
+    for r in half:
+        ref = reference_train(read_jpeg(r["src"]), r["px"], r["py"], r["mirror"], r["alpha"], p)
+        np.testing.assert_allclose(r["x"].astype(np.float64), ref, atol=4e-3)  # fp16 rounding at |x| < 4
+
+
+def test_labels_are_the_cls_components(real_ready):
+    _, rows = run_train_params(real_ready, batches=2)
+    for r in rows:
+        key = r["src"].rsplit(":", 1)[1].split(".")[0]
+        tar = r["src"].rsplit(":", 2)[0]
+        idx = Path(tar).with_suffix(".idx").read_text().splitlines()[1:]
+        line = next(line.split() for line in idx if line.split()[3].startswith(key + "."))
+        cls_off, cls_size = int(line[line.index("cls") + 1]), int(line[line.index("cls") + 2])
+        with open(tar, "rb") as f:
+            f.seek(cls_off)
+            assert int(f.read(cls_size)) == r["label"]
+
+
+def test_augmentation_statistics(real_ready):
+    """Over 960 samples: crop positions uniform, flips ~ 0.5, and the lighting shift measured
+    from the output pixels has covariance eigvec diag((0.1 eigval / 255)^2) eigvec^T."""
+    p, rows = run_train_params(real_ready, batches=15, batch_size=64)
+    n = len(rows)
+    px = np.array([r["px"] for r in rows])
+    assert abs(px.mean() - 0.5) < 4 * np.sqrt(1 / 12 / n) and abs(px.var() - 1 / 12) < 0.012
+    assert np.histogram(px, bins=4, range=(0, 1))[0].min() > n / 4 * 0.8
+    flips = np.mean([r["mirror"] for r in rows])
+    assert abs(flips - 0.5) < 4 * np.sqrt(0.25 / n)
+    shifts = []
+    for r in rows:
+        img = read_jpeg(r["src"])
+        plain = reference_train(img, r["px"], r["py"], r["mirror"], np.zeros(3), p)
+        shifts.append(((r["x"] - plain) * np.array(p["std"])[:, None, None]).mean(axis=(1, 2)))
+    shifts = np.array(shifts)
+    v, lam = np.array(p["eigvec"]), np.array(p["eigval"])
+    expected = v @ np.diag((0.1 * lam / 255) ** 2) @ v.T
+    measured = np.cov(shifts.T)
+    # sampling error of a variance from n draws: ~ sqrt(2/n) ~ 5%
+    assert np.abs(measured - expected).max() < 0.15 * expected.max()
+    assert abs(shifts.mean(0)).max() < 4 * np.sqrt(expected.max() / n)
+
+
+def reference_ten(img: np.ndarray, full_image: bool) -> list[np.ndarray]:
+    """The four corners and the center (tl, tr, bl, br, center), then the mirror images of
+    tr, tl, br, bl, center: torchvision's TenCrop order (its flipped top-left is the mirrored
+    top-right), and the mirrored center is the mirror of the same window. From the central
+    256 square unless full_image."""
+    def center(a, size):
+        h, w = a.shape[:2]
+        y, x = anchor(0.5, h - size), anchor(0.5, w - size)
+        return a[y:y + size, x:x + size]
+    if not full_image:
+        img = center(img, 256)
+    h, w = img.shape[:2]
+
+    tl, tr, bl, br = img[:224, :224], img[:224, w - 224:], img[h - 224:, :224], img[h - 224:, w - 224:]
+    c = center(img, 224)
+    return [tl, tr, bl, br, c] + [v[:, ::-1] for v in (tr, tl, br, bl, c)]
+
+
+def stored(out: Path, split: str):
+    import webdataset as wds
+    m = json.loads((out / "manifest.json").read_text())
+    return list(wds.WebDataset([str(out / s["tar"]) for s in m["splits"][split]["shards"]],
+                               shardshuffle=False, empty_check=False))
+
+
+@pytest.mark.parametrize("full_image", [False, True])
+def test_ten_crop_equals_reference_crops_in_order(real_ready, full_image):
+    p = load_pca(real_ready)
+    samples = stored(real_ready, "val")
+    loader = eval_loader(real_ready, batch_size=16, ten_crop=True, full_image=full_image, device="cpu",
+                         dtype="float32", channels_last=False)
+    seen = 0
+    for images, labels in loader:
+        assert images.shape[1:] == (10, 3, 224, 224) and images.dtype == torch.float32
+        for crops, label in zip(images.numpy(), labels.tolist()):
+            s = samples[seen]
+            assert int(s["cls"]) == label
+            img = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), np.float64)
+            for got, ref in zip(crops, reference_ten(img, full_image)):
+                want = ((ref - np.array(p["mean"])) / np.array(p["std"])).transpose(2, 0, 1)
+                np.testing.assert_allclose(got, want, atol=2e-4)
+            seen += 1
+    assert seen == 50
+
+
+def test_center_crop_and_layouts(real_ready):
+    p = load_pca(real_ready)
+    samples = stored(real_ready, "val")
+    loader = eval_loader(real_ready, batch_size=32, device="cpu", dtype="float16", channels_last=True)
+    images, labels = next(iter(loader))
+    assert images.shape == (32, 3, 224, 224) and images.dtype == torch.float16
+    assert images.is_contiguous(memory_format=torch.channels_last) and labels.dtype == torch.int64
+    img = np.asarray(Image.open(io.BytesIO(samples[0]["jpg"])).convert("RGB"), np.float64)
+    h, w = img.shape[:2]
+    y, x = anchor(0.5, h - 224), anchor(0.5, w - 224)
+    want = ((img[y:y + 224, x:x + 224] - np.array(p["mean"])) / np.array(p["std"])).transpose(2, 0, 1)
+    np.testing.assert_allclose(images[0].float().numpy(), want, atol=4e-3)
+    bf = next(iter(eval_loader(real_ready, batch_size=4, device="cpu", dtype="bfloat16")))[0]
+    assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), images[:4].float(), atol=0.03)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_sample_once_per_epoch_across_ranks(real_ready, world):
+    """Val (50 images, one per class: the label names the sample): each exactly once over all
+    ranks, last batches partial. Train (500): the same number of batches on every rank, no
+    sample twice in an epoch, fewer than world*batch samples left out."""
+    val = Counter()
+    for r in range(world):
+        for _, labels in eval_loader(real_ready, batch_size=8, device="cpu", rank=r, world_size=world):
+            val.update(labels.tolist())
+    assert sum(val.values()) == 50 and set(val.values()) == {1}
+    lengths, train = set(), Counter()
+    for r in range(world):
+        loader = train_loader(real_ready, batch_size=32, device="cpu", rank=r, world_size=world, seed=1)
+        lengths.add(len(loader))
+        n = 0
+        for _, labels in loader:
+            assert len(labels) == 32
+            train.update(labels.tolist())
+            n += 1
+        assert n == len(loader)
+    assert len(lengths) == 1 and set(train.values()) == {1}
+    assert 500 - world * 32 < sum(train.values()) <= 500
+
+
+def labels_of(loader, batches=None):
+    out = []
+    for i, (images, labels) in enumerate(loader):
+        out.append((labels.clone(), images[0, 0, 0, :8].clone()))
+        if batches is not None and i + 1 == batches:
+            break
+    return out
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_deterministic_and_resumable(synth_ready):
+    def make(state=None, seed=0):
+        return train_loader(synth_ready, batch_size=8, device="cpu", seed=seed, state=state)
+    straight = make()
+    epochs = [labels_of(straight) for _ in range(3)]
+    assert same(labels_of(make()), epochs[0])
+    assert not same(labels_of(make(seed=1)), epochs[0])
+    assert not same(epochs[1], epochs[0])  # reshuffled every epoch
+    # stop after epoch 1, resume from the state in a new loader
+    first = make()
+    labels_of(first)
+    resumed = make(state=first.state_dict())
+    assert resumed.epoch == 1
+    assert same(labels_of(resumed), epochs[1]) and same(labels_of(resumed), epochs[2])
+    # mid-epoch: two batches into epoch 0
+    mid = make()
+    it = iter(mid)
+    next(it), next(it)
+    rest = make(state=mid.state_dict())
+    assert same(labels_of(rest), epochs[0][2:]) and same(labels_of(rest), epochs[1])
+
+
+def test_errors_name_what_is_wrong(synth_ready, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(synth_ready, out)
+    (out / "pca.json").unlink()
+    with pytest.raises(UserError, match="pca.json: not found"):
+        train_loader(out, batch_size=4, device="cpu")
+    shutil.copy(synth_ready / "pca.json", out / "pca.json")
+    original = (out / "manifest.json").read_text()
+    m = json.loads(original)
+    (out / "manifest.json").write_text(json.dumps({**m, "alexpipe": "other"}))
+    with pytest.raises(UserError, match="computed for other shards"):
+        train_loader(out, batch_size=4, device="cpu")
+    (out / "manifest.json").write_text(original)
+    shard = out / m["splits"]["train"]["shards"][2]["tar"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:1000])
+    with pytest.raises(UserError, match=f"{shard}: 1000 bytes"):
+        train_loader(out, batch_size=4, device="cpu")
+    shard.unlink()
+    with pytest.raises(UserError, match=f"{shard}: shard missing"):
+        train_loader(out, batch_size=4, device="cpu")
+    broken = bytearray(data)
+    first = (out / m["splits"]["train"]["shards"][2]["idx"]).read_text().splitlines()[1].split()
+    off = int(first[first.index("jpg") + 1])
+    broken[off:off + 16] = bytes(16)
+    shard.write_bytes(bytes(broken))
+    with pytest.raises(UserError, match=f"{shard}: sample {first[3].split('.')[0]} does not decode"):
+        train_loader(out, batch_size=4, device="cpu")
+    with pytest.raises(UserError, match="batch size 64 x 1 ranks is more than"):
+        train_loader(synth_ready, batch_size=64, device="cpu")
