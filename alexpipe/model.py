@@ -1,0 +1,134 @@
+"""AlexNet, two ways, and loading weights from alexpipe checkpoints or torchvision files.
+
+`paper` (Krizhevsky et al. 2012): conv 96-256-384-384-256 (11x11/4, 5x5, 3x3 x3), ReLU,
+local response normalization after conv1 and conv2, overlapping 3/2 max-pooling after
+both LRNs and conv5, FC 4096-4096-classes with dropout 0.5 before the first two. With
+groups=2, conv2, conv4 and conv5 see only their own half of the previous layer's maps
+and the LRNs normalize within each half, as on the paper's two GPUs. The paper's init:
+weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers, 0 elsewhere.
+
+Input size: the paper says 224x224 crops, but its first layer's 55x55 output needs 227
+((227 - 11) / 4 + 1 = 55). We keep the 224 crops and pad conv1 by 2, as torchvision
+does: floor((224 + 4 - 11) / 4) + 1 = 55, so every later map has the paper's size
+(55, 27, 13, 6) and the flattened features are 6 * 6 * 256 = 9216.
+
+`torchvision`: torchvision.models.alexnet exactly (64-192-384-256-256, no LRN, adaptive
+6x6 average pool, default PyTorch init): the same module tree, so its state_dict keys and
+shapes are torchvision's and weights load either way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .util import UserError
+
+ARCHS = ("paper", "torchvision")
+class LRN(nn.Module):
+    """The paper's response normalization, b_i = a_i / (k + alpha * sum_j a_j^2)^beta, the
+    sum over the n = size maps centred on i (clipped at the ends), within each of `groups`
+    channel groups. torch's LocalResponseNorm divides alpha by size, so it gets alpha * size."""
+
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1):
+        super().__init__()
+        self.groups = groups
+        self.norm = nn.LocalResponseNorm(size, alpha=alpha * size, beta=beta, k=k)
+
+    def forward(self, x):
+        if self.groups == 1:
+            return self.norm(x)
+        n, c, h, w = x.shape
+        return self.norm(x.reshape(n * self.groups, c // self.groups, h, w)).reshape(n, c, h, w)
+
+
+class AlexNet(nn.Module):
+    """features -> avgpool -> flatten -> classifier, torchvision's module tree."""
+
+    def __init__(self, features: nn.Sequential, avgpool: nn.Module, classifier: nn.Sequential):
+        super().__init__()
+        self.features, self.avgpool, self.classifier = features, avgpool, classifier
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def classifier(num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
+                         nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+                         nn.Linear(4096, num_classes))
+
+
+def paper_alexnet(num_classes: int = 1000, groups: int = 1, dropout: float = 0.5) -> AlexNet:
+    features = nn.Sequential(
+        nn.Conv2d(3, 96, 11, stride=4, padding=2), nn.ReLU(inplace=True), LRN(groups=groups),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(96, 256, 5, padding=2, groups=groups), nn.ReLU(inplace=True), LRN(groups=groups),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 384, 3, padding=1, groups=groups), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1, groups=groups), nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2))
+    model = AlexNet(features, nn.Identity(), classifier(num_classes, dropout))
+    convs = [m for m in features if isinstance(m, nn.Conv2d)]
+    fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    for layer in convs + fcs:
+        nn.init.normal_(layer.weight, 0.0, 0.01)
+        nn.init.zeros_(layer.bias)
+    for layer in (convs[1], convs[3], convs[4], fcs[0], fcs[1]):
+        nn.init.ones_(layer.bias)
+    return model
+
+
+def torchvision_alexnet(num_classes: int = 1000, dropout: float = 0.5) -> AlexNet:
+    features = nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2))
+    return AlexNet(features, nn.AdaptiveAvgPool2d((6, 6)), classifier(num_classes, dropout))
+
+
+def alexnet(arch: str, num_classes: int = 1000, groups: int = 1, dropout: float = 0.5) -> AlexNet:
+    if arch == "paper":
+        return paper_alexnet(num_classes, groups, dropout)
+    if arch == "torchvision":
+        if groups != 1:
+            raise UserError("--groups applies to the paper's arch only")
+        return torchvision_alexnet(num_classes, dropout)
+    raise UserError(f"unknown arch {arch!r} (choose {' or '.join(ARCHS)})")
+
+
+def load_for_eval(path: Path) -> tuple[AlexNet, dict]:
+    """A model from an alexpipe-train checkpoint, or from a bare torchvision-format AlexNet
+    state_dict. Returns (model, info) where info has arch, groups, num_classes and, for
+    alexpipe checkpoints, the manifest sha256 it was trained on."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - not a torch file, or not loadable safely
+        raise UserError(f"{path}: not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if isinstance(ckpt, dict) and "model" in ckpt and "arch" in ckpt:
+        info = {"arch": ckpt["arch"], "groups": ckpt.get("groups", 1), "num_classes": ckpt["num_classes"],
+                "manifest_sha256": ckpt.get("manifest_sha256"), "epoch": ckpt.get("epoch")}
+        state = ckpt["model"]
+    elif isinstance(ckpt, dict) and "features.0.weight" in ckpt:
+        state = ckpt
+        classes = state.get("classifier.6.weight", torch.empty(0, 0)).shape[0]
+        info = {"arch": "torchvision", "groups": 1, "num_classes": classes, "manifest_sha256": None, "epoch": None}
+    else:
+        raise UserError(f"{path}: not an alexpipe checkpoint or a torchvision AlexNet state_dict")
+    if info["arch"] not in ARCHS:
+        raise UserError(f"{path}: unknown arch {info['arch']!r}")
+    model = alexnet(info["arch"], info["num_classes"], info["groups"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the {info['arch']} AlexNet ({str(e).splitlines()[1].strip()})") from None
+    return model, info

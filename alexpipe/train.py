@@ -1,0 +1,375 @@
+"""alexpipe-train: AlexNet on prepared shards with the paper's recipe, on one GPU or many.
+
+    alexpipe-train OUT [--arch paper|torchvision] [--epochs 90] [--batch-size 128] [--lr 0.01] ...
+    torchrun --nproc_per_node 8 -m alexpipe.train OUT ...          # DDP, one process per GPU
+
+The recipe (Krizhevsky et al. 2012, sec. 5): SGD with momentum 0.9 and weight decay 5e-4
+on every weight, batch 128, lr 0.01 divided by 10 when the validation error stops
+improving (the paper did so three times in ~90 epochs); `--schedule step` divides every
+30 epochs instead. A global batch B > 128 scales the lr linearly (0.01 * B / 128) and
+warms it up linearly from 0.01 over 5 epochs (Goyal et al. 2017); --warmup-epochs sets
+the length (from 0 when the batch is <= 128). On CUDA: bf16 autocast,
+channels_last and torch.compile (each can be turned off). Data: the DALI train loader
+(random crop, flip, PCA lighting from OUT/pca.json) and the center-crop val loader.
+
+Output (rank 0): a progress bar per epoch, a one-line summary per epoch, RUN/config.json,
+RUN/metrics.jsonl, RUN/curves.png and RUN/checkpoint.pt (atomic, every epoch: model,
+optimizer, schedule, scaler, loader states and RNG states of every rank, config, and the
+dataset's identity). --resume continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import dist
+from .eval import evaluate
+from .loader import eval_loader, load_pca, train_loader
+from .model import ARCHS, alexnet
+from .util import (UserError, config_dict, load_manifest, manifest_sha256, print_config, run_main, sha256_file,
+                   write_json)
+
+BASE_BATCH = 128
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    arch: str = "paper"
+    groups: int = 1
+    epochs: int = 90
+    batch_size: int = BASE_BATCH  # global, over all ranks
+    lr: float = 0.01  # for a batch of 128; scaled linearly with the global batch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dropout: float = 0.5
+    schedule: str = "plateau"
+    step_epochs: int = 30
+    patience: int = 5  # plateau: epochs without a 0.1-point val top-1 improvement before lr /= 10
+    warmup_epochs: float | None = None  # default: 5 if the lr is scaled up, else 0
+    lighting: float = 0.1
+    device: str = "cuda"
+    precision: str = "bf16"  # bf16 | fp16 | fp32 (CPU: fp32 unless asked)
+    channels_last: bool = True
+    compile: bool = True
+    seed: int = 0
+    workers: int | None = None  # DALI threads per rank
+    run_dir: Path | None = None  # default OUT/runs/<arch>
+    resume: Path | None = None
+    deterministic: bool = False
+    log_every: int = 50
+
+
+@dataclass
+class Schedule:
+    """The learning rate as a function of (epoch, step): a linear warmup from warmup_from
+    to peak_lr, then step or plateau decay. Plain state, saved in checkpoints."""
+    warmup_from: float
+    peak_lr: float
+    kind: str
+    steps_per_epoch: int
+    warmup_steps: int = 0
+    step_epochs: int = 30
+    patience: int = 5
+    drops: int = 0
+    best: float = math.inf
+    bad_epochs: int = 0
+
+    def lr(self, epoch: int, step: int) -> float:
+        g = epoch * self.steps_per_epoch + step
+        if g < self.warmup_steps:
+            return self.warmup_from + (self.peak_lr - self.warmup_from) * (g + 1) / self.warmup_steps
+        drops = epoch // self.step_epochs if self.kind == "step" else self.drops
+        return self.peak_lr * 0.1 ** drops
+
+    def end_epoch(self, val_top1_err: float) -> bool:
+        """Plateau bookkeeping after an epoch; True if the lr was just divided by 10."""
+        if self.kind != "plateau":
+            return False
+        if val_top1_err < self.best - 1e-3:
+            self.best, self.bad_epochs = val_top1_err, 0
+            return False
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.drops, self.bad_epochs = self.drops + 1, 0
+            return True
+        return False
+
+
+class Diverged(UserError):
+    pass
+
+
+def train_step(model, images, labels, optimizer, lr: float, scaler, amp_dtype) -> torch.Tensor:
+    """One SGD step; returns the (detached, on-device) loss. No host sync."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def train_epoch(model, loader, optimizer, schedule: Schedule, scaler, amp_dtype, epoch: int, log_every: int,
+                show: bool) -> dict:
+    """One epoch; returns mean train loss, images/s and the last lr. The host syncs every
+    `log_every` steps only, to check the losses (naming the first non-finite one) and
+    update the progress bar."""
+    model.train()
+    losses, window, n_images = [], [], 0
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}", unit="step", disable=not show, leave=False)
+    t0 = time.perf_counter()
+    lr = schedule.lr(epoch, 0)
+
+    def check(first_step: int):
+        values = torch.stack(window).float().cpu()
+        bad = torch.nonzero(~torch.isfinite(values)).flatten()
+        if len(bad):
+            raise Diverged(f"loss is {values[bad[0]].item()} at epoch {epoch + 1}, step {first_step + int(bad[0]) + 1}"
+                           f" (lr {lr:.3g}); the last checkpoint is from before this epoch")
+        losses.extend(values.tolist())
+        window.clear()
+
+    step = 0
+    for step, (images, labels) in enumerate(loader):
+        lr = schedule.lr(epoch, step)
+        window.append(train_step(model, images, labels, optimizer, lr, scaler, amp_dtype))
+        n_images += len(labels)
+        if len(window) == log_every:
+            check(step + 1 - log_every)
+            rate = n_images / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+            bar.update(log_every)
+    if window:
+        check(step + 1 - len(window))
+        bar.update(len(window))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {"train_loss": float(np.mean(losses)), "images_per_s": n_images / seconds, "lr": lr,
+            "epoch_seconds": seconds}
+
+
+def rng_state() -> dict:
+    """Every generator a training step may draw from, in types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])
+
+
+def plot_curves(metrics: list[dict], path: Path) -> None:
+    """curves.png: train/val loss and val top-1/top-5 error per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [m["epoch"] for m in metrics]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [m["train_loss"] for m in metrics], "o-", label="train")
+    a.plot(ep, [m["val_loss"] for m in metrics], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    b.plot(ep, [100 * m["val_top1_err"] for m in metrics], "o-", label="top-1")
+    b.plot(ep, [100 * m["val_top5_err"] for m in metrics], "o-", label="top-5")
+    b.set(xlabel="epoch", ylabel="val error (%)", title="validation error (center crop)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """The whole run; returns the per-epoch metrics (on every rank)."""
+    if cfg.arch not in ARCHS:
+        raise UserError(f"--arch must be one of {', '.join(ARCHS)}")
+    if cfg.schedule not in ("plateau", "step"):
+        raise UserError("--schedule must be plateau or step")
+    if cfg.precision not in ("bf16", "fp16", "fp32"):
+        raise UserError("--precision must be bf16, fp16 or fp32")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} does not divide over {world} ranks")
+    d = dist.setup(cfg.device)
+    per_rank = cfg.batch_size // d.world
+    cuda = cfg.device == "cuda"
+    torch.manual_seed(cfg.seed + d.rank)
+    np.random.seed(cfg.seed + d.rank)
+    random.seed(cfg.seed + d.rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    manifest = load_manifest(cfg.out)
+    num_classes = len(manifest["classes"])
+    identity = {"manifest_sha256": manifest_sha256(cfg.out), "pca_sha256": sha256_file(cfg.out / "pca.json")
+                if (cfg.out / "pca.json").exists() else None}
+    load_pca(cfg.out)  # refuse a missing or stale pca.json before anything else
+    run_dir = cfg.run_dir or cfg.out / "runs" / cfg.arch
+    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt = None
+    if cfg.resume is not None:
+        if not Path(cfg.resume).is_file():
+            raise UserError(f"{cfg.resume}: checkpoint not found")
+        try:
+            ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+            assert isinstance(ckpt, dict) and "loader" in ckpt
+        except Exception:  # noqa: BLE001
+            raise UserError(f"{cfg.resume}: not an alexpipe-train checkpoint") from None
+        for key, want, what in (("arch", cfg.arch, "arch"), ("groups", cfg.groups, "groups"),
+                                ("world", d.world, "number of ranks")):
+            if ckpt[key] != want:
+                raise UserError(f"{cfg.resume}: a checkpoint with {what} {ckpt[key]}, not {want}")
+        for key in ("manifest_sha256", "pca_sha256"):
+            if ckpt[key] != identity[key]:
+                raise UserError(f"{cfg.resume}: trained on other shards or another pca.json than {cfg.out}")
+    elif d.main and ckpt_path.exists():
+        raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} or another --run-dir")
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = alexnet(cfg.arch, num_classes, cfg.groups, cfg.dropout).to(d.device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+    device = "gpu" if cuda else "cpu"
+    loader_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.precision]
+    lkw = dict(device=device, rank=d.rank, world_size=d.world, dtype=loader_dtype, channels_last=cfg.channels_last,
+               num_threads=cfg.workers)
+    train_data = train_loader(cfg.out, per_rank, seed=cfg.seed, lighting=cfg.lighting,
+                              state=ckpt["loader"][d.rank] if ckpt else None, **lkw)
+    val_data = eval_loader(cfg.out, per_rank, **lkw)
+    scale = cfg.batch_size / BASE_BATCH
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (5 if scale > 1 else 0)
+    # Goyal et al.: from the unscaled lr up to the scaled one; an asked-for warmup at batch <= 128 starts at 0
+    schedule = Schedule(warmup_from=cfg.lr if scale > 1 else 0.0, peak_lr=cfg.lr * scale, kind=cfg.schedule,
+                        steps_per_epoch=len(train_data),
+                        warmup_steps=round(warmup * len(train_data)), step_epochs=cfg.step_epochs,
+                        patience=cfg.patience)
+    metrics, start = [], 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        progress = {k: ckpt["schedule"][k] for k in ("drops", "best", "bad_epochs")}  # lr settings: this run's
+        schedule = dataclasses.replace(schedule, **progress)
+        set_rng_state(ckpt["rng"][d.rank])
+        metrics, start = ckpt["metrics"], ckpt["epoch"]
+    step_model = model
+    if d.world > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cuda else None)
+    if cfg.compile and cuda:
+        step_model = torch.compile(step_model)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config_dict(cfg))
+        print(f"{cfg.arch} AlexNet, {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes; "
+              f"{d.world} rank(s) x {per_rank} = batch {cfg.batch_size}, peak lr {schedule.peak_lr:g}, "
+              f"{len(train_data)} steps/epoch; run dir {run_dir}", flush=True)
+    for epoch in range(start, cfg.epochs):
+        m = train_epoch(step_model, train_data, optimizer, schedule, scaler, amp_dtype, epoch, cfg.log_every, d.main)
+        v = evaluate(model, val_data, amp_dtype, num_classes)  # uncompiled, per rank: no DDP sync, no recompiles
+        dropped = schedule.end_epoch(v["top1_err"])
+        row = {"epoch": epoch + 1, **m, "val_loss": v["loss"], "val_top1_err": v["top1_err"],
+               "val_top5_err": v["top5_err"], "val_count": v["count"], "lr_dropped": dropped}
+        metrics.append(row)
+        state = {"loader": dist.gather_objects(train_data.state_dict()), "rng": dist.gather_objects(rng_state())}
+        if d.main:
+            print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {m['train_loss']:.4f}  val loss {v['loss']:.4f}  "
+                  f"top-1 err {100 * v['top1_err']:5.2f}%  top-5 err {100 * v['top5_err']:5.2f}%  "
+                  f"({v['count']} val)  lr {m['lr']:.3g}  {m['images_per_s']:.0f} img/s  "
+                  f"{m['epoch_seconds']:.0f} s" + ("  -> lr / 10" if dropped else ""), flush=True)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            plot_curves(metrics, run_dir / "curves.png")
+            save_checkpoint(ckpt_path, {
+                "arch": cfg.arch, "groups": cfg.groups, "num_classes": num_classes, "world": d.world,
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "schedule": dataclasses.asdict(schedule), "metrics": metrics,
+                "config": config_dict(cfg), **identity, **state})
+        dist.barrier()
+    return metrics
+
+
+def parse_args(argv) -> TrainConfig:
+    d = TrainConfig
+    p = argparse.ArgumentParser(prog="alexpipe-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Train AlexNet on alexpipe shards with the paper's recipe "
+                                            "(run under torchrun for several GPUs).")
+    p.add_argument("out", type=Path, help="prepared directory (shards, manifest.json, pca.json)")
+    p.add_argument("--arch", default=d.arch, choices=ARCHS)
+    p.add_argument("--groups", type=int, default=d.groups, choices=[1, 2], help="paper arch: 2 = the two-GPU connectivity")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch over all ranks")
+    p.add_argument("--lr", type=float, default=d.lr, help="lr for a batch of 128 (scaled linearly with the batch)")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--schedule", default=d.schedule, choices=["plateau", "step"],
+                   help="plateau: lr/10 when val top-1 stops improving (the paper); step: lr/10 every --step-epochs")
+    p.add_argument("--step-epochs", type=int, default=d.step_epochs)
+    p.add_argument("--patience", type=int, default=d.patience, help="plateau: epochs without improvement")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="default: 5 if the batch is > 128, else 0")
+    p.add_argument("--lighting", type=float, default=d.lighting, help="std of the PCA lighting alpha")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (cuda only anyway)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=None, help="DALI threads per rank")
+    p.add_argument("--run-dir", type=Path, default=None, help="default: OUT/runs/<arch>")
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
+    p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms (for exact resume tests)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between host syncs / bar updates")
+    args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    return TrainConfig(**vars(args))
+
+
+def _main(argv) -> int:
+    cfg = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_config("alexpipe-train", cfg)
+    try:
+        train(cfg)
+    finally:
+        dist.cleanup()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main("alexpipe-train", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

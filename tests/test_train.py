@@ -1,0 +1,241 @@
+"""The models against the paper, and alexpipe-train end to end on CPU: it learns, it
+resumes exactly, DDP over gloo equals one process, and bad runs stop with a clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexpipe import pca, train
+from alexpipe.model import LRN, alexnet
+from alexpipe.prepare import PrepareConfig, prepare
+from alexpipe.sample import SampleConfig, make_sample
+
+# torchvision.models.alexnet().state_dict(), written down from torchvision/models/alexnet.py
+TORCHVISION_KEYS = {
+    "features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,),
+    "features.3.weight": (192, 64, 5, 5), "features.3.bias": (192,),
+    "features.6.weight": (384, 192, 3, 3), "features.6.bias": (384,),
+    "features.8.weight": (256, 384, 3, 3), "features.8.bias": (256,),
+    "features.10.weight": (256, 256, 3, 3), "features.10.bias": (256,),
+    "classifier.1.weight": (4096, 9216), "classifier.1.bias": (4096,),
+    "classifier.4.weight": (4096, 4096), "classifier.4.bias": (4096,),
+    "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,),
+}
+
+
+def lrn_numpy(a: np.ndarray, n=5, alpha=1e-4, beta=0.75, k=2.0) -> np.ndarray:
+    """The paper's eq. (sec. 3.3), literally: b_i = a_i / (k + alpha sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta."""
+    out = np.empty_like(a)
+    channels = a.shape[1]
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        out[:, i] = a[:, i] / (k + alpha * (a[:, lo:hi + 1] ** 2).sum(1)) ** beta
+    return out
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_is_the_papers_formula(groups):
+    a = np.random.default_rng(0).normal(0, 40, (2, 16, 4, 4))  # large enough that the sum matters
+    got = LRN(groups=groups)(torch.from_numpy(a)).numpy()
+    want = np.concatenate([lrn_numpy(h) for h in np.split(a, groups, axis=1)], axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert np.abs(want - a).max() > 1.0
+
+
+def test_parameter_counts_are_the_known_totals():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(alexnet("torchvision")) == 61_100_840  # torchvision's AlexNet
+    assert count(alexnet("paper", groups=2)) == 60_965_224  # the two-tower net (Caffe's bvlc_alexnet)
+    assert count(alexnet("paper", groups=1)) == 62_378_344  # one tower, same layer widths
+
+
+def test_torchvision_state_dict_keys_and_shapes():
+    state = alexnet("torchvision").state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == TORCHVISION_KEYS
+
+
+def test_paper_init_and_map_sizes():
+    torch.manual_seed(0)
+    model = alexnet("paper", groups=2)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    fcs = [m for m in model.classifier if isinstance(m, torch.nn.Linear)]
+    for layer in convs + fcs:
+        w = layer.weight.detach()
+        assert abs(w.mean().item()) < 1e-3 and abs(w.std().item() - 0.01) < 0.0005
+    biases = [float(layer.bias.detach().unique().item()) for layer in convs + fcs]
+    assert biases == [0, 1, 0, 1, 1, 1, 1, 0]
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+             for m in model.features if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d))]
+    assert model(torch.zeros(2, 3, 224, 224)).shape == (2, 1000)
+    for h in hooks:
+        h.remove()
+    assert sizes == [55, 27, 27, 13, 13, 13, 13, 6]
+
+
+def test_schedule_warmup_step_and_plateau():
+    s = train.Schedule(warmup_from=0.01, peak_lr=0.08, kind="step", steps_per_epoch=10, warmup_steps=50,
+                       step_epochs=30)
+    assert s.lr(0, 0) == pytest.approx(0.01 + 0.07 / 50) and s.lr(2, 5) == pytest.approx(0.01 + 0.07 * 26 / 50)
+    assert s.lr(4, 9) == pytest.approx(0.08) and s.lr(5, 0) == 0.08
+    assert s.lr(30, 0) == pytest.approx(0.008) and s.lr(60, 3) == pytest.approx(0.0008)
+    p = train.Schedule(warmup_from=0.0, peak_lr=0.01, kind="plateau", steps_per_epoch=10, patience=2)
+    drops = [p.end_epoch(e) for e in [0.9, 0.8, 0.8, 0.7995, 0.801, 0.79, 0.79, 0.79, 0.79]]
+    assert drops == [False, False, False, False, True, False, False, False, True]
+    assert p.lr(9, 0) == pytest.approx(0.0001)
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+@pytest.fixture(scope="module")
+def shapes_out(tmp_path_factory) -> Path:
+    """4 learnable classes (labels 0..3): 160 train, 40 val, prepared, with pca.json."""
+    root = tmp_path_factory.mktemp("shapes")
+    make_sample(SampleConfig(dir=root / "src", names="shape"))
+    prepare(PrepareConfig(src=root / "src", out=root / "out", workers=2, shard_size=64))
+    assert pca.main([str(root / "out"), "--device", "cpu"]) == 0
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def small_out(synth_out, tmp_path_factory) -> Path:
+    """The synthetic wnid tree (48 train, 12 val, 1000-way labels), with pca.json."""
+    out = tmp_path_factory.mktemp("small") / "out"
+    shutil.copytree(synth_out, out)
+    assert pca.main([str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_learns_a_synthetic_dataset(shapes_out, tmp_path):
+    run = tmp_path / "run"
+    # peak lr 0.03 at batch 32 (0.12 scaled by 32/128) after a 2-epoch warmup: seen reaching 2.5% error
+    args = [str(shapes_out), "--arch", "torchvision", "--device", "cpu", "--epochs", "10", "--batch-size", "32",
+            "--lr", "0.12", "--warmup-epochs", "2", "--run-dir", str(run), "--log-every", "5"]
+    assert train.main(args) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 11))
+    assert all(r["val_count"] == 40 for r in rows)
+    assert rows[-1]["val_top1_err"] < 0.4  # chance is 0.75
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "config.json").read_text())["arch"] == "torchvision"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 10 and ckpt["num_classes"] == 4 and ckpt["config"]["lr"] == 0.12
+
+
+def run_cli(out, run, *extra) -> int:
+    return train.main([str(out), "--arch", "paper", "--groups", "2", "--device", "cpu", "--batch-size", "16",
+                       "--run-dir", str(run), "--deterministic", "--log-every", "2", *extra])
+
+
+def test_resume_continues_exactly(small_out, tmp_path):
+    assert run_cli(small_out, tmp_path / "straight", "--epochs", "2") == 0
+    assert run_cli(small_out, tmp_path / "split", "--epochs", "1") == 0
+    ckpt = tmp_path / "split" / "checkpoint.pt"
+    assert run_cli(small_out, tmp_path / "split", "--epochs", "2", "--resume", str(ckpt)) == 0
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["metrics"][1]["train_loss"] == b["metrics"][1]["train_loss"]
+
+
+def test_nan_stops_the_run_and_keeps_the_checkpoint(small_out, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(small_out, run, "--epochs", "1") == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    code = run_cli(small_out, run, "--epochs", "2", "--lr", "1e30", "--resume", str(run / "checkpoint.pt"))
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(err) == 1
+    assert "alexpipe-train: error: loss is nan at epoch 2, step" in err[0] or "loss is inf" in err[0]
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_bad_input_is_one_line_and_exit_2(small_out, shapes_out, tmp_path, capsys, monkeypatch):
+    def fails(args, expect):
+        capsys.readouterr()
+        assert train.main(args) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and expect in err[0], err
+    no_pca = tmp_path / "no_pca"
+    shutil.copytree(small_out, no_pca)
+    (no_pca / "pca.json").unlink()
+    fails([str(no_pca), "--device", "cpu"], "pca.json: not found")
+    stale = tmp_path / "stale"
+    shutil.copytree(small_out, stale)
+    shutil.copy(shapes_out / "pca.json", stale / "pca.json")
+    fails([str(stale), "--device", "cpu"], "computed for other shards")
+    fails([str(tmp_path / "nothing"), "--device", "cpu"], "no such directory")
+    run = tmp_path / "run"
+    assert run_cli(small_out, run, "--epochs", "1") == 0
+    fails([str(small_out), "--device", "cpu", "--arch", "torchvision", "--run-dir", str(tmp_path / "r2"),
+           "--resume", str(run / "checkpoint.pt")], "a checkpoint with arch paper, not torchvision")
+    fails([str(shapes_out), "--device", "cpu", "--arch", "paper", "--groups", "2", "--run-dir", str(tmp_path / "r3"),
+           "--resume", str(run / "checkpoint.pt")], "trained on other shards")
+    fails([str(small_out), "--device", "cpu", "--run-dir", str(run)], "checkpoint.pt exists")
+    if not torch.cuda.is_available():
+        fails([str(small_out), "--device", "cuda"], "no CUDA GPU is visible")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    fails([str(small_out), "--device", "cpu", "--batch-size", "16"], "--batch-size 16 does not divide over 3 ranks")
+
+
+# ---------------------------------------------------------------------------- DDP on gloo
+
+def _ddp_worker(rank: int, world: int, init: str, x, y, result: str):
+    import torch.distributed as tdist
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = alexnet("paper", num_classes=10, dropout=0.0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    per = len(x) // world
+    for _ in range(3):
+        train.train_step(ddp, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], opt, 0.01, scaler, None)
+    if rank == 0:
+        torch.save(model.state_dict(), result)
+    tdist.destroy_process_group()
+
+
+def test_ddp_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 224, 224, generator=g), torch.randint(0, 10, (8,), generator=g)
+    results = {}
+    for world in (1, 2):
+        out = str(tmp_path / f"w{world}.pt")
+        torch.multiprocessing.spawn(_ddp_worker, args=(world, f"file://{tmp_path}/store{world}", x, y, out),
+                                    nprocs=world, join=True)
+        results[world] = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    init = alexnet("paper", num_classes=10, dropout=0.0).state_dict()
+    largest_update = max((a - init[k]).abs().max().item() for k, a in results[1].items())
+    assert largest_update > 1e-3  # so the tolerance below is 100x finer than the steps taken
+    for key, a in results[1].items():
+        torch.testing.assert_close(results[2][key], a, rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_two_cpu_ranks_count_every_val_sample_once(small_out, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "-m", "alexpipe.train", str(small_out), "--device", "cpu",
+                           "--arch", "torchvision", "--epochs", "1", "--batch-size", "16", "--run-dir", str(run)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["val_count"] == 12  # 12 val images over 2 ranks (6 + 6)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["world"] == 2 and len(ckpt["loader"]) == 2 and len(ckpt["rng"]) == 2
+    assert proc.stdout.count("epoch   1/1") == 1  # rank 0 alone reports
