@@ -5,6 +5,13 @@ the central 256x256 square, and their mirror images; the network's softmax is av
 over the ten (probabilities, not logits), then top-1 and top-5 error. --full-image takes
 the corners of the whole short-side-256 image instead of the central square.
 
+    alexpipe-eval CHECKPOINT OUT [--crops center|ten|both] [--full-image] [--json FILE]
+    torchrun --nproc_per_node 8 -m alexpipe.eval CHECKPOINT OUT
+    alexpipe-predict CHECKPOINT IMAGE...
+
+Also draws filters.png (conv1's kernels, the paper's Figure 3) and predictions.png (val
+images with their top-5 classes, the paper's Figure 4).
+
 Top-k rule, stated because ties happen with low-precision logits: a sample is correct at k
 when fewer than k classes have a probability strictly greater than the true class's
 (ties count in the model's favour; NaN outputs count as wrong). Every rank evaluates its own samples once; counts are
@@ -13,9 +20,22 @@ summed over ranks, so the total equals the split's size in the manifest.
 
 from __future__ import annotations
 
+import argparse
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
 
 from . import dist
+from .loader import eval_loader
+from .model import load_for_eval
+from .pipeline import TEN_CROPS
+from .prepare import load_resized
+from .util import UserError, config_dict, iter_samples, load_manifest, run_main, split_shards, write_json
 
 
 def crop_probabilities(model, images: torch.Tensor) -> torch.Tensor:
@@ -61,3 +81,242 @@ def evaluate(model, loader, amp_dtype: torch.dtype | None, num_classes: int) -> 
     per_class = {int(c): float(hits1[c] / count[c]) for c in torch.nonzero(count).flatten()}
     return {"count": n, "loss": nll / max(n, 1), "top1_err": 1 - float(hits1.sum()) / max(n, 1),
             "top5_err": 1 - float(hits5.sum()) / max(n, 1), "per_class_top1": per_class}
+
+
+# ---------------------------------------------------------------------------- CLI
+
+@dataclass
+class EvalConfig:
+    checkpoint: Path
+    out: Path
+    split: str = "val"
+    crops: str = "both"  # center | ten | both
+    full_image: bool = False
+    device: str = "cuda"
+    batch_size: int = 128
+    precision: str = "bf16"
+    workers: int | None = None
+    json: Path | None = None
+    figures: Path | None = None  # default: the checkpoint's folder
+
+
+def anchor(pos: float, free: int) -> int:
+    """Where DALI places a crop at relative position pos: round half up of pos * free."""
+    return int(np.floor(pos * free + 0.5))
+
+
+def ten_crops(img: np.ndarray, crop: int = 224, square: int | None = 256) -> np.ndarray:
+    """(10, crop, crop, 3) views of an HxWx3 image, as the ten-crop pipeline cuts them
+    (TEN_CROPS order), for images that do not come from shards (alexpipe-predict)."""
+    if square:
+        h, w = img.shape[:2]
+        y, x = anchor(0.5, h - square), anchor(0.5, w - square)
+        img = img[y:y + square, x:x + square]
+    h, w = img.shape[:2]
+    views = []
+    for px, py, mirror in TEN_CROPS:
+        y, x = anchor(py, h - crop), anchor(px, w - crop)
+        v = img[y:y + crop, x:x + crop]
+        views.append(v[:, ::-1] if mirror else v)
+    return np.stack(views)
+
+
+def filters_image(model, scale: int = 4, gap: int = 2) -> Image.Image:
+    """The first layer's kernels as a grid (the paper's Figure 3): each kernel min-max
+    scaled to 0..255 on its own, enlarged `scale` times, 8 to a row for 64, 12 for 96."""
+    w = model.features[0].weight.detach().float().cpu()
+    n, size = w.shape[0], w.shape[-1] * scale
+    cols = 12 if n % 12 == 0 else 8
+    rows = (n + cols - 1) // cols
+    grid = Image.new("RGB", (cols * (size + gap) + gap, rows * (size + gap) + gap), (255, 255, 255))
+    for i, k in enumerate(w):
+        k = (k - k.min()) / (k.max() - k.min() + 1e-12) * 255
+        tile = Image.fromarray(k.permute(1, 2, 0).round().byte().numpy()).resize((size, size), Image.Resampling.NEAREST)
+        grid.paste(tile, (gap + (i % cols) * (size + gap), gap + (i // cols) * (size + gap)))
+    return grid
+
+
+def predict_images(model, images: list[np.ndarray], normalize: dict, device, amp_dtype, k: int = 5):
+    """Ten-crop softmax for decoded short-side-256 images; returns (probs (N, C), topk indices)."""
+    mean = torch.tensor(normalize["mean"]).view(3, 1, 1)
+    std = torch.tensor(normalize["std"]).view(3, 1, 1)
+    batch = torch.stack([(torch.from_numpy(ten_crops(img).copy()).permute(0, 3, 1, 2).float() - mean) / std
+                         for img in images]).to(device)
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        probs = crop_probabilities(model, batch)
+    return probs.cpu(), probs.topk(min(k, probs.shape[1]), dim=1).indices.cpu()
+
+
+def class_name(classes, index: int) -> str:
+    if classes and index < len(classes):
+        return str(classes[index][2]).split(",")[0]
+    return f"class {index}"
+
+
+def predictions_image(model, info: dict, out: Path, split: str, device, amp_dtype, n: int = 8):
+    """A grid of n val images with their top-5 classes by name and probability, the true
+    class in green (the paper's Figure 4, left)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shards = split_shards(load_manifest(out), out, split)
+    samples = [s for _, s in zip(range(n), (s for shard in shards for s in iter_samples(shard)))]
+    images = [np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples]
+    probs, top = predict_images(model, images, info["normalize"], device, amp_dtype)
+    fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 4.6),
+                             gridspec_kw={"height_ratios": [1.2, 1]}, squeeze=False)
+    for j, (img, s) in enumerate(zip(images, samples)):
+        label = int(s["cls"])
+        axes[0, j].imshow(ten_crops(img)[4])
+        axes[0, j].set_title(class_name(info["classes"], label), fontsize=8)
+        axes[0, j].axis("off")
+        names = [class_name(info["classes"], int(c))[:18] for c in top[j]]
+        values = [float(probs[j, c]) for c in top[j]]
+        colors = ["tab:green" if int(c) == label else "tab:gray" for c in top[j]]
+        axes[1, j].barh(range(len(names))[::-1], values, color=colors)
+        axes[1, j].set_yticks(range(len(names))[::-1], names, fontsize=7)
+        axes[1, j].set_xlim(0, 1)
+        axes[1, j].tick_params(axis="x", labelsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    d = dist.setup(cfg.device)
+    model, info = load_for_eval(cfg.checkpoint)
+    manifest = load_manifest(cfg.out)
+    if info["num_classes"] != len(manifest["classes"]):
+        raise UserError(f"{cfg.checkpoint}: a model of {info['num_classes']} classes, but {cfg.out} has "
+                        f"{len(manifest['classes'])}")
+    if cfg.split not in manifest["splits"]:
+        raise UserError(f"{cfg.out}: split {cfg.split!r} was not prepared")
+    expected = manifest["splits"][cfg.split]["count"]
+    cuda = cfg.device == "cuda"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+    model = model.to(d.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    modes = ["center", "ten"] if cfg.crops == "both" else [cfg.crops]
+    results = {}
+    for mode in modes:
+        loader = eval_loader(cfg.out, cfg.batch_size // (10 if mode == "ten" else 1) or 1, split=cfg.split,
+                             ten_crop=mode == "ten", full_image=cfg.full_image, device="gpu" if cuda else "cpu",
+                             rank=d.rank, world_size=d.world, dtype="float32" if amp_dtype is None else "float16",
+                             channels_last=cuda, num_threads=cfg.workers, normalize=info["normalize"])
+        dist.barrier()
+        t0 = time.perf_counter()
+        r = evaluate(model, loader, amp_dtype, info["num_classes"])
+        if cuda:
+            torch.cuda.synchronize()
+        r["seconds"] = time.perf_counter() - t0
+        r["images_per_s"] = r["count"] / r["seconds"]
+        if r["count"] != expected:
+            raise UserError(f"counted {r['count']} {cfg.split} images, the manifest says {expected}")
+        results[mode] = r
+    return {"model": model, "info": info, "results": results, "rank": d.rank, "world": d.world}
+
+
+def summary(cfg: EvalConfig, r: dict) -> str:
+    info = r["info"]
+    lines = [f"{cfg.checkpoint} ({info['arch']}" + (f", epoch {info['epoch']}" if info.get("epoch") else "") +
+             f") on {cfg.out} {cfg.split}, {r['world']} rank(s), {cfg.device}"]
+    for mode, v in r["results"].items():
+        what = "ten-crop (" + ("whole image" if cfg.full_image else "central 256 square") + ")" \
+            if mode == "ten" else "center crop"
+        lines.append(f"  {what:<32} {v['count']} images  top-1 err {100 * v['top1_err']:6.2f}%  "
+                     f"top-5 err {100 * v['top5_err']:6.2f}%  {v['seconds']:.1f} s  {v['images_per_s']:.0f} img/s")
+    return "\n".join(lines)
+
+
+def parse_args(argv) -> EvalConfig:
+    p = argparse.ArgumentParser(prog="alexpipe-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Center-crop and the paper's ten-crop evaluation of an AlexNet "
+                                            "(alexpipe-train checkpoint or torchvision state_dict) on prepared "
+                                            "shards; run under torchrun for several GPUs.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path, help="prepared directory (shards, manifest.json, pca.json)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--crops", default="both", choices=["center", "ten", "both"])
+    p.add_argument("--full-image", action="store_true",
+                   help="ten-crop corners of the whole short-side-256 image, not of its central 256x256 square")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="crops per forward pass per rank")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--workers", type=int, default=None, help="DALI threads per rank")
+    p.add_argument("--json", type=Path, default=None, help="write the numbers and per-class accuracy here")
+    p.add_argument("--figures", type=Path, default=None, help="where to write filters.png and predictions.png "
+                   "(default: the checkpoint's folder)")
+    args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    return EvalConfig(**vars(args))
+
+
+def _main(argv) -> int:
+    cfg = parse_args(argv)
+    try:
+        r = run_eval(cfg)
+        if r["rank"] == 0:
+            print(summary(cfg, r))
+            info, model = r["info"], r["model"]
+            figures = cfg.figures or cfg.checkpoint.parent
+            figures.mkdir(parents=True, exist_ok=True)
+            filters_image(model).save(figures / "filters.png")
+            amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+            fig = predictions_image(model, info, cfg.out, cfg.split, next(model.parameters()).device, amp)
+            fig.savefig(figures / "predictions.png", dpi=110)
+            print(f"wrote {figures / 'filters.png'} and {figures / 'predictions.png'}")
+            if cfg.json:
+                classes = info["classes"]
+                out = {"checkpoint": str(cfg.checkpoint), "out": str(cfg.out), "split": cfg.split,
+                       "arch": info["arch"], "ranks": r["world"], "device": cfg.device,
+                       "full_image": cfg.full_image, "config": config_dict(cfg), "results": {}}
+                for mode, v in r["results"].items():
+                    out["results"][mode] = {k: v[k] for k in ("count", "top1_err", "top5_err", "loss", "seconds",
+                                                              "images_per_s")}
+                    out["results"][mode]["per_class_top1"] = {
+                        (classes[c][1] if classes else str(c)): acc for c, acc in v["per_class_top1"].items()}
+                write_json(cfg.json, out)
+                print(f"wrote {cfg.json}")
+    finally:
+        dist.cleanup()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main("alexpipe-eval", _main, argv)
+
+
+# ---------------------------------------------------------------------------- predict
+
+def predict_main(argv=None) -> int:
+    def body(argv):
+        p = argparse.ArgumentParser(prog="alexpipe-predict", description="Top-5 classes of image files, with the "
+                                    "ten-crop preprocessing of alexpipe-eval.")
+        p.add_argument("checkpoint", type=Path)
+        p.add_argument("images", type=Path, nargs="+")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+        p.add_argument("--top", type=int, default=5)
+        args = p.parse_args(argv)
+        d = dist.setup(args.device)
+        model, info = load_for_eval(args.checkpoint)
+        model = model.to(d.device)
+        decoded = []
+        for path in args.images:
+            if not path.is_file():
+                raise UserError(f"{path}: not found")
+            try:
+                img, _ = load_resized(path, center_crop=False)
+            except Exception as e:  # noqa: BLE001 - whatever PIL says about it
+                raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+            decoded.append(np.asarray(img))
+        probs, top = predict_images(model, decoded, info["normalize"], d.device, None, args.top)
+        for path, p_row, t_row in zip(args.images, probs, top):
+            print(path)
+            for c in t_row:
+                print(f"  {float(p_row[c]):6.3f}  {class_name(info['classes'], int(c))}")
+        return 0
+    return run_main("alexpipe-predict", body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

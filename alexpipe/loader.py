@@ -172,13 +172,16 @@ def train_loader(out, batch_size: int = 256, *, split: str = "train", device: st
 def eval_loader(out, batch_size: int = 256, *, split: str = "val", ten_crop: bool = False, full_image: bool = False,
                 device: str = "auto", rank: int | None = None, world_size: int | None = None, dtype: str = "float16",
                 channels_last: bool = True, crop: int = 224, num_threads: int | None = None, prefetch: int = 2,
-                verify: bool = True) -> DaliLoader:
-    """Center-crop (or ten-crop) evaluation stream; each rank yields its own samples once."""
+                verify: bool = True, normalize: dict | None = None) -> DaliLoader:
+    """Center-crop (or ten-crop) evaluation stream; each rank yields its own samples once.
+    `normalize` ({"mean", "std"} on 0..255) overrides pca.json's, for weights trained with
+    other statistics (torchvision's)."""
     out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
                                                         num_threads, verify)
+    norm = normalize or pca
 
     def make(checkpoint):
-        return eval_pipeline(shards, device, rank, world, pca["mean"], pca["std"], crop=crop,
+        return eval_pipeline(shards, device, rank, world, norm["mean"], norm["std"], crop=crop,
                              dtype=DTYPES[dtype][0], layout="HWC" if channels_last else "CHW", ten_crop=ten_crop,
                              full_image=full_image, batch_size=batch_size, prefetch_queue_depth=prefetch,
                              checkpoint=checkpoint, **kw)

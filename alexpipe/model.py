@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .util import UserError
+from .util import UserError, imagenet_classes
 
 ARCHS = ("paper", "torchvision")
+# What torchvision's ImageNet weights were trained with (0..1 values x 255).
+TORCHVISION_NORMALIZE = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
 class LRN(nn.Module):
     """The paper's response normalization, b_i = a_i / (k + alpha * sum_j a_j^2)^beta, the
     sum over the n = size maps centred on i (clipped at the ends), within each of `groups`
@@ -105,8 +107,9 @@ def alexnet(arch: str, num_classes: int = 1000, groups: int = 1, dropout: float 
 
 def load_for_eval(path: Path) -> tuple[AlexNet, dict]:
     """A model from an alexpipe-train checkpoint, or from a bare torchvision-format AlexNet
-    state_dict. Returns (model, info) where info has arch, groups, num_classes and, for
-    alexpipe checkpoints, the manifest sha256 it was trained on."""
+    state_dict. Returns (model, info): arch, groups, num_classes, classes ([index, wnid,
+    name] rows), normalize (the mean/std it was trained with, 0..255) and, for alexpipe
+    checkpoints, the manifest sha256 and epoch."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
@@ -115,13 +118,15 @@ def load_for_eval(path: Path) -> tuple[AlexNet, dict]:
     except Exception as e:  # noqa: BLE001 - not a torch file, or not loadable safely
         raise UserError(f"{path}: not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if isinstance(ckpt, dict) and "model" in ckpt and "arch" in ckpt:
-        info = {"arch": ckpt["arch"], "groups": ckpt.get("groups", 1), "num_classes": ckpt["num_classes"],
-                "manifest_sha256": ckpt.get("manifest_sha256"), "epoch": ckpt.get("epoch")}
+        info = {k: ckpt.get(k) for k in ("arch", "groups", "num_classes", "classes", "normalize", "manifest_sha256",
+                                         "epoch")}
         state = ckpt["model"]
     elif isinstance(ckpt, dict) and "features.0.weight" in ckpt:
         state = ckpt
-        classes = state.get("classifier.6.weight", torch.empty(0, 0)).shape[0]
-        info = {"arch": "torchvision", "groups": 1, "num_classes": classes, "manifest_sha256": None, "epoch": None}
+        n = state.get("classifier.6.weight", torch.empty(0, 0)).shape[0]
+        info = {"arch": "torchvision", "groups": 1, "num_classes": n, "normalize": TORCHVISION_NORMALIZE,
+                "classes": [list(c) for c in imagenet_classes()] if n == 1000 else None,
+                "manifest_sha256": None, "epoch": None}
     else:
         raise UserError(f"{path}: not an alexpipe checkpoint or a torchvision AlexNet state_dict")
     if info["arch"] not in ARCHS:

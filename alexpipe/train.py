@@ -234,7 +234,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     num_classes = len(manifest["classes"])
     identity = {"manifest_sha256": manifest_sha256(cfg.out), "pca_sha256": sha256_file(cfg.out / "pca.json")
                 if (cfg.out / "pca.json").exists() else None}
-    load_pca(cfg.out)  # refuse a missing or stale pca.json before anything else
+    pca = load_pca(cfg.out)  # refuse a missing or stale pca.json before anything else
     run_dir = cfg.run_dir or cfg.out / "runs" / cfg.arch
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = None
@@ -313,6 +313,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             plot_curves(metrics, run_dir / "curves.png")
             save_checkpoint(ckpt_path, {
                 "arch": cfg.arch, "groups": cfg.groups, "num_classes": num_classes, "world": d.world,
+                "classes": manifest["classes"], "normalize": {"mean": pca["mean"], "std": pca["std"]},
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "schedule": dataclasses.asdict(schedule), "metrics": metrics,
                 "config": config_dict(cfg), **identity, **state})

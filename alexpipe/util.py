@@ -156,6 +156,19 @@ def check_shards(shards: list[dict], hash_them: bool, workers: int) -> None:
                 raise UserError(p)
 
 
+def iter_samples(shard: dict):
+    """A shard's samples as {"__key__", ext: bytes...}, located through its index file."""
+    lines = Path(shard["idx"]).read_text().splitlines()[1:]
+    with open(shard["tar"], "rb") as f:
+        for line in lines:
+            fields = line.split()
+            sample = {}
+            for ext, offset, size, name in zip(*[iter(fields)] * 4):
+                f.seek(int(offset))
+                sample[ext], sample["__key__"] = f.read(int(size)), name.split(".")[0]
+            yield sample
+
+
 def find_bad_sample(shards: list[dict]) -> str | None:
     """Name the shard and key of a JPEG that does not decode (DALI's decoder error does not
     say which sample failed); shards whose sha256 differs from the manifest are searched
@@ -165,17 +178,10 @@ def find_bad_sample(shards: list[dict]) -> str | None:
     from PIL import Image
 
     for s in sorted(shards, key=lambda s: sha256_file(Path(s["tar"])) == s["sha256"]):
-        lines = Path(s["idx"]).read_text().splitlines()[1:]
-        with open(s["tar"], "rb") as f:
-            for line in lines:
-                fields = line.split()
-                for ext, offset, size, name in zip(*[iter(fields)] * 4):
-                    if ext != "jpg":
-                        continue
-                    f.seek(int(offset))
-                    try:
-                        with Image.open(io.BytesIO(f.read(int(size)))) as img:
-                            img.load()
-                    except Exception as e:  # noqa: BLE001 - whatever the decoder says
-                        return f"{s['tar']}: sample {name.split('.')[0]} does not decode ({type(e).__name__}: {e})"
+        for sample in iter_samples(s):
+            try:
+                with Image.open(io.BytesIO(sample["jpg"])) as img:
+                    img.load()
+            except Exception as e:  # noqa: BLE001 - whatever the decoder says
+                return f"{s['tar']}: sample {sample['__key__']} does not decode ({type(e).__name__}: {e})"
     return None

@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 from alexpipe import pca, train
 from alexpipe.model import LRN, alexnet
-from alexpipe.prepare import PrepareConfig, prepare
-from alexpipe.sample import SampleConfig, make_sample
 
 # torchvision.models.alexnet().state_dict(), written down from torchvision/models/alexnet.py
 TORCHVISION_KEYS = {
@@ -98,16 +96,6 @@ def test_schedule_warmup_step_and_plateau():
 # ---------------------------------------------------------------------------- the CLI
 
 @pytest.fixture(scope="module")
-def shapes_out(tmp_path_factory) -> Path:
-    """4 learnable classes (labels 0..3): 160 train, 40 val, prepared, with pca.json."""
-    root = tmp_path_factory.mktemp("shapes")
-    make_sample(SampleConfig(dir=root / "src", names="shape"))
-    prepare(PrepareConfig(src=root / "src", out=root / "out", workers=2, shard_size=64))
-    assert pca.main([str(root / "out"), "--device", "cpu"]) == 0
-    return root / "out"
-
-
-@pytest.fixture(scope="module")
 def small_out(synth_out, tmp_path_factory) -> Path:
     """The synthetic wnid tree (48 train, 12 val, 1000-way labels), with pca.json."""
     out = tmp_path_factory.mktemp("small") / "out"
@@ -116,12 +104,8 @@ def small_out(synth_out, tmp_path_factory) -> Path:
     return out
 
 
-def test_learns_a_synthetic_dataset(shapes_out, tmp_path):
-    run = tmp_path / "run"
-    # peak lr 0.03 at batch 32 (0.12 scaled by 32/128) after a 2-epoch warmup: seen reaching 2.5% error
-    args = [str(shapes_out), "--arch", "torchvision", "--device", "cpu", "--epochs", "10", "--batch-size", "32",
-            "--lr", "0.12", "--warmup-epochs", "2", "--run-dir", str(run), "--log-every", "5"]
-    assert train.main(args) == 0
+def test_learns_a_synthetic_dataset(shapes_run):
+    run = shapes_run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 11))
     assert all(r["val_count"] == 40 for r in rows)
