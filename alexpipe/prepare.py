@@ -455,7 +455,7 @@ def prepare(cfg: PrepareConfig) -> dict:
                 splits[split] = prepare_split(cfg, split, its, pool)
                 n_images += len(its)
     except KeyboardInterrupt:
-        print(f"\ncomplete shards are kept; rerun the same command to resume", file=sys.stderr)
+        print("\ncomplete shards are kept; rerun the same command to resume", file=sys.stderr)
         raise
     manifest = {"format": MANIFEST_FORMAT, "alexpipe": __version__, "settings": settings,
                 "val_labels": val_source if val_source else (old or {}).get("val_labels"),

@@ -13,7 +13,6 @@ from PIL import Image
 
 from alexpipe import pca
 from alexpipe.prepare import PrepareConfig, prepare
-from alexpipe.util import sha256_file
 
 
 def numpy_reference(out: Path, split: str = "train"):

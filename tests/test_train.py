@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from alexpipe import pca, train
 from alexpipe.model import LRN, alexnet

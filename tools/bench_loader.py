@@ -77,7 +77,9 @@ def ceiling_rate(out, batches, batch_size, num_threads, hw_decoder_load, prefetc
     return batches * batch_size / (time.perf_counter() - t0)
 
 
-def torchvision_rate(out, batches, batch_size, workers, warmup=4) -> float:
+def torchvision_loader(out, batch_size, workers):
+    """The common PyTorch way: webdataset shards, PIL decode, torchvision transforms
+    (random crop, flip, to tensor, normalize) in a DataLoader; endless."""
     import webdataset as wds
     from torchvision import transforms as T
     manifest = load_manifest(out)
@@ -87,8 +89,11 @@ def torchvision_rate(out, batches, batch_size, workers, warmup=4) -> float:
     ds = (wds.WebDataset(urls, shardshuffle=100, nodesplitter=None, workersplitter=wds.split_by_worker,
                          empty_check=False).repeat().shuffle(1000).decode("pil").to_tuple("jpg", "cls")
           .map_tuple(tf, int))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=GPU)
-    it = iter(loader)
+    return iter(torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=GPU))
+
+
+def torchvision_rate(out, batches, batch_size, workers, warmup=4) -> float:
+    it = torchvision_loader(out, batch_size, workers)
     for _ in range(warmup):
         next(it)
     t0 = time.perf_counter()

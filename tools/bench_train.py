@@ -1,0 +1,104 @@
+"""Benchmark AlexNet training throughput: alexpipe loader vs synthetic data vs PyTorch loader.
+
+For each arch (paper, torchvision), with the same compiled model, bf16 autocast,
+channels_last, SGD, batch --batch-size, in one run:
+  (a) the alexpipe DALI train loader end to end (read, decode, crop, flip, lighting);
+  (b) synthetic GPU-resident tensors: the model-bound ceiling;
+  (c) webdataset + PIL + torchvision transforms in a DataLoader with all cores.
+Prints images/s, (a)/(b), (a)/(c), and the projected time of 90 ImageNet epochs on 1 GPU
+and on 8 (a projection at 0.9 scaling efficiency, not a measurement).
+
+  python tools/bench_train.py [--out OUT_WITH_SHARDS_AND_PCA] [--steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alexpipe.loader import train_loader
+from alexpipe.model import alexnet
+from alexpipe.pca import PCAConfig, compute
+from alexpipe.prepare import PrepareConfig, prepare
+from alexpipe.train import train_step
+from alexpipe.util import write_json
+from bench_loader import torchvision_loader
+from bench_prepare import DEFAULT_SRC, make_tree
+
+IMAGENET_TRAIN = 1_281_167
+
+
+def rate(model, opt, batches, steps: int, warmup: int) -> float:
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    for _ in range(warmup):
+        x, y = next(batches)
+        train_step(model, x, y, opt, 0.01, scaler, torch.bfloat16)
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        x, y = next(batches)
+        train_step(model, x, y, opt, 0.01, scaler, torch.bfloat16)
+        n += len(y)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=None, help="prepared shards with pca.json (default: build them)")
+    p.add_argument("--src", type=Path, default=DEFAULT_SRC)
+    p.add_argument("--repeat", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--archs", default="torchvision,paper")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_train: needs a CUDA GPU")
+    cores = len(os.sched_getaffinity(0))
+    dev = torch.device("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out
+        if out is None:
+            make_tree(args.src, Path(tmp) / "src", args.repeat)
+            out = Path(tmp) / "out"
+            prepare(PrepareConfig(src=Path(tmp) / "src", out=out, split="train", shard_size=500))
+            write_json(out / "pca.json", compute(PCAConfig(out=out)))
+        b = args.batch_size
+        print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; batch {b}, bf16 autocast, channels_last, "
+              f"torch.compile, SGD; {args.steps} timed steps after warmup")
+        for arch in args.archs.split(","):
+            torch.manual_seed(0)
+            model = alexnet(arch).to(dev, memory_format=torch.channels_last)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            compiled = torch.compile(model)
+            x = torch.randn(b, 3, 224, 224, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+            y = torch.randint(0, 1000, (b,), device=dev)
+            synthetic = rate(compiled, opt, itertools.repeat((x, y)), args.steps, warmup=30)  # warmup compiles
+            loader = train_loader(out, b, device="gpu", dtype="bfloat16", verify=False)
+            ours = rate(compiled, opt, (v for _ in itertools.count() for v in loader), args.steps, warmup=10)
+
+            def tv_batches():
+                for images, labels in torchvision_loader(out, b, cores):
+                    yield (images.to(dev, non_blocking=True).to(torch.bfloat16, memory_format=torch.channels_last),
+                           labels.to(dev, non_blocking=True))
+            baseline = rate(compiled, opt, tv_batches(), max(20, args.steps // 5), warmup=4)
+            print(f"\n{arch} AlexNet")
+            print(f"  (a) alexpipe loader end to end         {ours:8.0f} images/s")
+            print(f"  (b) synthetic GPU tensors (ceiling)    {synthetic:8.0f} images/s   (a)/(b) = {ours / synthetic:.2f}")
+            print(f"  (c) webdataset+PIL+torchvision, {cores:2d} workers {baseline:7.0f} images/s   "
+                  f"(a)/(c) = {ours / baseline:.1f}")
+            h1 = 90 * IMAGENET_TRAIN / ours / 3600
+            print(f"  projected 90 ImageNet epochs: {h1:.2f} h on 1 GPU; {h1 / 8 / 0.9:.2f} h on 8 "
+                  f"(projection, assuming 0.9 scaling efficiency)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
