@@ -69,6 +69,14 @@ def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return 0, 1
 
 
+def parse_labels(padded: torch.Tensor) -> torch.Tensor:
+    """(B, k) uint8 ASCII decimals, zero-padded on the right -> (B,) int64, on their device."""
+    digits = padded >= 48
+    n = digits.sum(1, keepdim=True)
+    power = (n - 1 - torch.arange(padded.shape[1], device=padded.device)).clamp(min=0)
+    return ((padded.long() - 48) * digits * torch.pow(10, power)).sum(1)
+
+
 def range_sizes(n: int, world: int) -> list[int]:
     """Samples per rank, as DALI's readers split a dataset: rank r gets [n*r//W, n*(r+1)//W)."""
     return [n * (r + 1) // world - n * r // world for r in range(world)]
@@ -109,7 +117,7 @@ class DaliLoader:
     def __iter__(self):
         for b in range(self.batch, self.length):
             images, labels = self.pipe.run()[:2]
-            x, y = self._torch(images), self._torch(labels).reshape(-1)
+            x, y = self._torch(images), parse_labels(self._torch(labels))
             keep = self.rank_size - b * self.batch_size
             if keep < len(y):  # eval's last batch: drop the reader's padding
                 x, y = x[:keep], y[:keep]

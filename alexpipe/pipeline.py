@@ -62,16 +62,13 @@ TEN_CROPS = [(0.0, 0.0, 0), (1.0, 0.0, 0), (0.0, 1.0, 0), (1.0, 1.0, 0), (0.5, 0
 MAX_LABEL_DIGITS = 8
 
 
-def ascii_label(cls, device: str):
-    """A .cls component (ASCII decimal bytes) to an int64 label, inside the graph: Horner's
-    rule over the bytes, zero-padded, where each digit byte contributes and padding does not.
-    Keeps label parsing off the Python thread that drives training."""
-    b = fn.cast(fn.pad(cls, shape=[MAX_LABEL_DIGITS], fill_value=0), dtype=types.INT64)
-    value = None
-    for k in range(MAX_LABEL_DIGITS):
-        digit = b[k] >= 48
-        value = digit * (b[k] - 48) if value is None else value * (1 + 9 * digit) + digit * (b[k] - 48)
-    return value.gpu() if device == "gpu" else value
+def label_bytes(cls, device: str):
+    """A .cls component (ASCII decimal) zero-padded to MAX_LABEL_DIGITS bytes, on the
+    output device; loader.parse_labels turns a batch of them into int64. Parsing inside
+    the graph (Horner's rule with DALI arithmetic, ~40 tiny CPU ops per sample) cut an
+    H100's loader from 26-31k to 11k images/s (measured); one pad is free."""
+    padded = fn.pad(cls, shape=[MAX_LABEL_DIGITS], fill_value=0)
+    return padded.gpu() if device == "gpu" else padded
 
 
 def lighting_mean(mean, eigval, eigvec, sigma: float):
@@ -101,7 +98,7 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
                    initial_fill: int = 4096, shuffle_seed: int = 0, hw_decoder_load: float = 0.65,
                    with_params: bool = False):
     """AlexNet's training augmentation: a random crop x crop window at a uniformly random
-    position, a horizontal flip with p = 0.5, PCA lighting, normalization; labels int64.
+    position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
 
     Order: the shard order is reshuffled every epoch (same seed on every rank, so ranks
     read disjoint ranges of one global order) and samples are mixed in a buffer of
@@ -121,7 +118,7 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
     mirror = fn.random.coin_flip(probability=0.5)
     mean_s, alpha = lighting_mean(mean, eigval, eigvec, lighting)
     out = normalize(images, mean_s, std, crop, dtype, layout, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
-    labels = ascii_label(cls, device)
+    labels = label_bytes(cls, device)
     if with_params:
         return out, labels, pos_x, pos_y, mirror, alpha, fn.get_property(jpegs, key="source_info")
     return out, labels
@@ -141,7 +138,7 @@ def eval_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: in
     jpegs, cls = read_shards(shards, ["jpg", "cls"], shard_id, num_shards, random_shuffle=False,
                              pad_last_batch=True, stick_to_shard=True)
     images = decode(jpegs, device)
-    labels = ascii_label(cls, device)
+    labels = label_bytes(cls, device)
     if not ten_crop:
         return normalize(images, mean, std, crop, dtype, layout, crop_pos_x=0.5, crop_pos_y=0.5), labels
     if not full_image:

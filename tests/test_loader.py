@@ -16,7 +16,7 @@ from nvidia.dali import types
 from PIL import Image
 
 from alexpipe import pca as pca_mod
-from alexpipe.loader import eval_loader, load_pca, train_loader
+from alexpipe.loader import eval_loader, load_pca, parse_labels, train_loader
 from alexpipe.pipeline import train_pipeline
 from alexpipe.util import UserError, load_manifest, split_shards
 
@@ -70,8 +70,9 @@ def run_train_params(out: Path, batches: int, batch_size: int = 16, seed: int = 
     rows = []
     for _ in range(batches):
         out_, labels, px, py, mir, alpha, src = pipe.run()
+        parsed = parse_labels(torch.from_numpy(np.array(labels.as_tensor())))
         for i in range(len(labels)):
-            rows.append(dict(x=np.array(out_[i]), label=int(np.array(labels[i])), px=float(np.array(px[i])),
+            rows.append(dict(x=np.array(out_[i]), label=int(parsed[i]), px=float(np.array(px[i])),
                              py=float(np.array(py[i])), mirror=int(np.array(mir[i])), alpha=np.array(alpha[i]),
                              src=bytes(np.array(src[i])).decode()))
     return p, rows
@@ -91,6 +92,12 @@ def test_train_pixels_equal_the_papers_transform(real_ready):
     for r in half:
         ref = reference_train(read_jpeg(r["src"]), r["px"], r["py"], r["mirror"], r["alpha"], p)
         np.testing.assert_allclose(r["x"].astype(np.float64), ref, atol=4e-3)  # fp16 rounding at |x| < 4
+
+
+def test_parse_labels():
+    texts = [b"0", b"7", b"42", b"999", b"1000", b"12345678"]
+    padded = torch.tensor([list(t.ljust(8, b"\0")) for t in texts], dtype=torch.uint8)
+    assert parse_labels(padded).tolist() == [0, 7, 42, 999, 1000, 12345678]
 
 
 def test_labels_are_the_cls_components(real_ready):
