@@ -4,11 +4,12 @@ AlexNet's colour augmentation adds eigvec @ (alpha * eigval) to every pixel, wit
 eigen-decomposition of the 3x3 covariance of RGB values over the training set; the loader
 also normalizes with the per-channel mean and std. Both come from here.
 
-Exactness: each image's channel sums and sums of products are computed in int64 on the
-device (GPU with nvJPEG, or CPU) and accumulated in Python integers, so the totals are
-exact whatever the order, batch or thread count; mean, covariance and eigenpairs are
-computed from them once, in float64. Memory is constant: 12 numbers per image leave the
-decoder. Pixels are on the 0..255 scale (written into the output as "scale").
+Exactness: each image's channel sums and sums of products are computed on the device
+that decoded it (GPU with nvJPEG, or CPU) as float64 sums of integers, exact below 2^53,
+and accumulated in Python integers, so the totals are exact whatever the order, batch or
+thread count; mean, covariance and eigenpairs are computed from them once, in float64.
+Memory is one batch: 12 numbers per image leave the device. Pixels are on the 0..255
+scale (written into the output as "scale").
 
 Conventions: cov is the unbiased sample covariance (divide by n-1); std = sqrt(diag(cov));
 eigval descending; eigvec columns are the eigenvectors, each with its largest-magnitude
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from .pipeline import READER, rgb_stats_pipeline
+from .pipeline import READER, decoded_pipeline
 from .util import (UserError, check_shards, config_dict, default_workers, find_bad_sample, load_manifest,
                    manifest_sha256, print_config, run_main, split_shards, write_json)
 
@@ -44,7 +46,9 @@ class PCAConfig:
     workers: int = field(default_factory=default_workers)
     fraction: float = 1.0
     seed: int = 0
-    batch_size: int = 256
+    # default 256 on GPU, 32 on CPU: a batch is padded to its largest image before the
+    # float64 reduction, and on 2 CPU cores batch 256 ran at 82 images/s, batch 32 at 255
+    batch_size: int | None = None
     output: Path | None = None  # default OUT/pca.json
 
 
@@ -110,12 +114,20 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def image_sums(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of a (B, H, W, 3) uint8 batch: channel sums (B, 3) and the 3x3 sums of
+    products (B, 3, 3), as a batched float64 matmul on the batch's device. Exact: every
+    term and partial sum is an integer below 2^53 (a 256 x 2048 image sums to < 2^36)."""
+    x = images.reshape(images.shape[0], -1, 3).double()
+    return x.sum(1), torch.bmm(x.transpose(1, 2), x)
+
+
 def accumulate(shards: list[dict], device: str, workers: int, batch_size: int) -> np.ndarray:
     """The streaming pass over every image of `shards`: one exact row of sums per
     jackknife group (image ordinal mod GROUPS), as a (GROUPS, ROW) object array."""
     total_images = sum(s["count"] for s in shards)
-    pipe = rgb_stats_pipeline(shards, device, batch_size=batch_size, num_threads=max(1, workers),
-                              device_id=0 if device == "gpu" else None, prefetch_queue_depth=2)
+    pipe = decoded_pipeline(shards, device, batch_size=batch_size, num_threads=max(1, workers),
+                            device_id=0 if device == "gpu" else None, prefetch_queue_depth=2)
     pipe.build()
     if pipe.epoch_size(READER) != total_images:
         raise UserError(f"the shards hold {pipe.epoch_size(READER)} samples, the manifest says {total_images}")
@@ -124,16 +136,16 @@ def accumulate(shards: list[dict], device: str, workers: int, batch_size: int) -
     with tqdm(total=total_images, unit="img", desc="pca", smoothing=0.05) as bar:
         while ordinal < total_images:
             try:
-                sums, squares, cross, shapes = pipe.run()
+                images, shapes = pipe.run()
             except RuntimeError as e:
                 where = find_bad_sample(shards)
                 raise UserError(where or f"decoding failed: {str(e).splitlines()[0]}") from None
             k = min(len(shapes), total_images - ordinal)  # drop the last batch's padding
-            sums, sq, cr, shapes = (np.asarray((t.as_cpu() if device == "gpu" and t is not shapes else t)
-                                               .as_tensor())[:k].astype(np.int64)
-                                    for t in (sums, squares, cross, shapes))
-            prods = sq[:, :1], cr[:, :1], cr[:, 2:], sq[:, 1:2], cr[:, 1:2], sq[:, 2:]  # rr rg rb gg gb bb
-            rows = np.concatenate([np.ones((k, 1), np.int64), shapes[:, :1] * shapes[:, 1:2], sums, *prods], axis=1)
+            s, ss = image_sums(torch.from_dlpack(images.as_tensor())[:k])
+            s, ss = s.cpu().numpy().astype(np.int64), ss.cpu().numpy().astype(np.int64)
+            shapes = np.asarray(shapes.as_tensor())[:k].astype(np.int64)
+            prods = ss[:, 0, 0:3], ss[:, 1, 1:3], ss[:, 2, 2:3]  # rr rg rb, gg gb, bb
+            rows = np.concatenate([np.ones((k, 1), np.int64), shapes[:, :1] * shapes[:, 1:2], s, *prods], axis=1)
             batch = np.zeros((GROUPS, ROW), np.int64)  # within a batch int64 cannot overflow
             np.add.at(batch, (ordinal + np.arange(k)) % GROUPS, rows)
             groups += batch.astype(object)
@@ -152,7 +164,7 @@ def compute(cfg: PCAConfig) -> dict:
         raise UserError(f"{cfg.out}: split {cfg.split!r} has no samples")
     check_shards(shards, hash_them=True, workers=cfg.workers)
     t0 = time.perf_counter()
-    groups = accumulate(shards, device, cfg.workers, cfg.batch_size)
+    groups = accumulate(shards, device, cfg.workers, cfg.batch_size or (256 if device == "gpu" else 32))
     seconds = time.perf_counter() - t0
     total = groups.sum(0)
     result = {
@@ -200,7 +212,7 @@ def parse_args(argv) -> PCAConfig:
     p.add_argument("--workers", type=int, default=default_workers(), help="DALI threads (default: all cores)")
     p.add_argument("--fraction", type=float, default=1.0, help="use a seeded random subset of the shards")
     p.add_argument("--seed", type=int, default=0, help="which shards --fraction picks")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 32 on CPU")
     p.add_argument("--output", type=Path, default=None, help="default: OUT/pca.json")
     return PCAConfig(**vars(p.parse_args(argv)))
 

@@ -29,27 +29,14 @@ def decode(jpegs, device: str, **kwargs):
 
 
 @pipeline_def
-def rgb_stats_pipeline(shards: list[dict], device: str, shard_id: int = 0, num_shards: int = 1):
-    """Per image, exact integer sufficient statistics of its RGB pixels: channel sums
-    [r, g, b], squares [rr, gg, bb], cross products [rg, gb, br] (sums over pixels) and
-    its shape (H, W, C).
-
-    Reduced on the device so nothing but 12 numbers per image leaves it and images of
-    different sizes need no padding. Products are exact in uint16 (255^2 < 2^16), sums in
-    uint64. The cross products multiply the image by itself with channels rotated, which
-    takes fewer ops than six channel slices (measured 1.3x faster on CPU). Samples come in
-    stored order; the shard is padded with its last sample to a whole batch (the caller
-    drops the padding).
-    """
+def decoded_pipeline(shards: list[dict], device: str, shard_id: int = 0, num_shards: int = 1):
+    """Every image in stored order, decoded to RGB and zero-padded to the batch's largest
+    height and width (so the batch is one dense tensor; zeros add nothing to pixel sums),
+    with its true shape (H, W, C). The shard is padded with its last sample to a whole
+    batch (the caller drops the padding). alexpipe-pca reduces these in torch: DALI's own
+    integer reductions on the GPU held an H100 to 7k images/s (measured)."""
     jpegs = read_shards(shards, ["jpg"], shard_id, num_shards, pad_last_batch=True)
-    shape = fn.peek_image_shape(jpegs)
-    x = fn.cast(decode(jpegs, device), dtype=types.UINT16)
-    rotated = fn.cat(x[:, :, 1:3], x[:, :, 0:1], axis=2)  # [g, b, r]
-
-    def total(v):
-        return fn.reductions.sum(v, axes=[0, 1], dtype=types.UINT64)
-
-    return total(x), total(x * x), total(x * rotated), shape
+    return fn.pad(decode(jpegs, device), fill_value=0), fn.peek_image_shape(jpegs)
 
 
 # The paper's ten crops in torchvision's TenCrop order: top-left, top-right, bottom-left,

@@ -2,12 +2,12 @@
 
 Baseline: one process, for each image PIL full decode -> RGB -> antialiased bicubic resize
 of the short side to 256 -> JPEG q90 (what a simple conversion script does). alexpipe-prepare
-then runs on the same files (a train tree of symlinks, repeated --repeat times under
-distinct names) with 1, 2 and all workers; it also shuffles, writes shards, indexes and
-hashes them. Prints images/s, ratios, the projected time for ImageNet's 1,281,167 train
+then runs on the same files (a train tree of symlinks, the sample repeated under distinct
+names to ~--images-per-worker images per worker, so every run lasts several seconds) with
+1, 2 and all workers; it also shuffles, writes shards, indexes and hashes them. Prints images/s, ratios, the projected time for ImageNet's 1,281,167 train
 images, and the PSNR of draft-mode decoding against a full decode.
 
-  python tools/bench_prepare.py [--src DIR] [--repeat N] [--workers 1,2,16]
+  python tools/bench_prepare.py [--src DIR] [--images-per-worker 600] [--workers 1,2,16]
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def make_tree(src: Path, root: Path, repeat: int) -> list[Path]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="a folder of JPEGs (default: the real sample)")
-    p.add_argument("--repeat", type=int, default=1, help="use each image this many times")
+    p.add_argument("--images-per-worker", type=int, default=600,
+                   help="each run gets about this many images per worker (whole copies of the sample)")
     p.add_argument("--workers", default=f"1,2,{default_workers()}")
     p.add_argument("--repeats", type=int, default=3, help="runs of each contender; the median is reported")
     args = p.parse_args(argv)
@@ -94,32 +95,34 @@ def main(argv=None) -> int:
     workers = sorted({int(w) for w in args.workers.split(",")})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        files = make_tree(args.src, tmp / "src", args.repeat)
-        for f in files:
+        distinct = make_tree(args.src, tmp / "base", 1)
+        for f in distinct:
             f.read_bytes()  # page cache warm for every contender
-        n_base = files[: len(set(f.resolve() for f in files))]  # one pass over the distinct images
-        base = statistics.median(baseline(n_base) for _ in range(args.repeats))
-        print(f"images: {len(files)} ({len(n_base)} distinct, repeated {args.repeat}x); "
-              f"machine: {os.cpu_count()} cores visible, {default_workers()} usable")
+        base = statistics.median(baseline(distinct) for _ in range(args.repeats))
+        trees = {}
+        for w in workers:
+            repeat = max(1, round(args.images_per_worker * w / len(distinct)))
+            trees[w] = (tmp / f"src{w}", len(make_tree(args.src, tmp / f"src{w}", repeat)))
         rates = {w: [] for w in workers}
         for r in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
             for w in workers:
+                src, n = trees[w]
                 out = tmp / f"out{w}-{r}"
                 t0 = time.perf_counter()
-                prepare(PrepareConfig(src=tmp / "src", out=out, split="train", workers=w,
-                                      shard_size=max(64, len(files) // (4 * w))))
-                rates[w].append(len(files) / (time.perf_counter() - t0))
+                prepare(PrepareConfig(src=src, out=out, split="train", workers=w, shard_size=max(250, n // (4 * w))))
+                rates[w].append(n / (time.perf_counter() - t0))
                 shutil.rmtree(out)
         rates = {w: statistics.median(v) for w, v in rates.items()}
-        print(f"\nresults (median of {args.repeats} runs each)")
+        print(f"\nresults (median of {args.repeats} runs each); {len(distinct)} distinct images; "
+              f"machine: {os.cpu_count()} cores visible, {default_workers()} usable")
         print(f"baseline, 1 process, PIL full decode + bicubic + q90: {base:8.1f} images/s   1.00x")
         for w, r in rates.items():
-            print(f"alexpipe-prepare, {w:3d} workers (+shuffle, tar, index, sha256): {r:8.1f} images/s  "
-                  f"{r / base:5.2f}x baseline"
-                  f"   ImageNet train projected {IMAGENET_TRAIN / r / 60:6.1f} min")
+            print(f"alexpipe-prepare, {w:3d} workers, {trees[w][1]:6d} images (+shuffle, tar, index, sha256): "
+                  f"{r:8.1f} images/s  {r / base:5.2f}x baseline   ImageNet train projected "
+                  f"{IMAGENET_TRAIN / r / 60:6.1f} min")
         if 1 in rates and 2 in rates:
             print(f"scaling 1 -> 2 workers: {rates[2] / rates[1]:.2f}x")
-        print(draft_quality(n_base))
+        print(draft_quality(distinct))
     return 0
 
 
