@@ -82,6 +82,22 @@ def test_recovers_a_known_colour_covariance(tmp_path):
     np.testing.assert_allclose(r["mean"], colours.mean(0), atol=1.0)
 
 
+def test_gpu_and_cpu_reductions_give_the_same_integers():
+    """The elementwise form alexpipe-pca uses on CUDA equals the matmul form it uses on CPU,
+    and both equal numpy's exact integer sums, including a saturated 255 image."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 37, 53, 3), dtype=torch.uint8, generator=g)
+    images[4] = 255
+    a, b = pca.sums_elementwise(images), pca.sums_matmul(images)
+    x = images.numpy().reshape(5, -1, 3).astype(np.int64)
+    want = (x.sum(1), (x * x).sum(1), (x * np.roll(x, -1, axis=2)).sum(1))
+    for got_a, got_b, w in zip(a, b, want):
+        assert got_a.dtype == got_b.dtype == torch.int64
+        np.testing.assert_array_equal(got_a.numpy(), w)
+        np.testing.assert_array_equal(got_b.numpy(), w)
+
+
 def test_workers_and_batch_size_do_not_change_the_result(synth_out):
     a = run(synth_out, "--workers", "2", name="a.json")
     b = run(synth_out, "--workers", "1", "--batch-size", "7", name="b.json")
