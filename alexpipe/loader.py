@@ -5,8 +5,9 @@ usable from any training loop:
     for images, labels in train_loader("OUT", batch_size=256):   # one epoch per loop
         ...
 
-Epochs are defined, not inferred. Rank r of W reads a fixed range of the (per-epoch
-reshuffled) split, of size N*(r+1)//W - N*r//W. Train: every rank yields the same
+Epochs are defined, not inferred. Rank r of W reads a range of N*(r+1)//W - N*r//W
+samples of the split (for training, of its per-epoch reshuffled order; DALI pads every
+range to the largest, and the iterator drops the padding). Train: every rank yields the same
 number of full batches, min over ranks of size_r // batch_size, so DDP never waits on a
 rank with one batch more; the few samples left over (fewer than W*batch_size, different
 ones each epoch) are not seen that epoch and no sample is seen twice. Eval: every sample
@@ -92,8 +93,10 @@ class DaliLoader:
                  torch_dtype, channels_last: bool, state: dict | None = None):
         sizes = range_sizes(n_samples, world)
         self.batch_size, self.rank_size = batch_size, sizes[rank]
-        self.reader_batches = math.ceil(self.rank_size / batch_size)  # the reader's padded epoch
-        self.length = min(s // batch_size for s in sizes) if drop_last else self.reader_batches
+        # With pad_last_batch DALI pads every rank's range to the largest one, then to a whole
+        # batch: that is the reader's epoch on every rank, and all of it must be consumed.
+        self.reader_batches = math.ceil(max(sizes) / batch_size)
+        self.length = min(s // batch_size for s in sizes) if drop_last else math.ceil(self.rank_size / batch_size)
         if self.length == 0:
             raise UserError(f"batch size {batch_size} x {world} ranks is more than the {n_samples} samples")
         self.drop_last, self.torch_dtype, self.channels_last = drop_last, torch_dtype, channels_last
@@ -128,7 +131,7 @@ class DaliLoader:
             self.batch = b + 1
             yield x, y
         for _ in range(self.length, self.reader_batches):
-            self.pipe.run()  # train: the dropped remainder and padding, to end the reader's epoch
+            self.pipe.run()  # the dropped remainder and the padding, to end the reader's epoch
         self.epoch, self.batch = self.epoch + 1, 0
 
 

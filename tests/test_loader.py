@@ -222,6 +222,23 @@ def test_every_sample_once_per_epoch_across_ranks(real_ready, world):
     assert 500 - world * 32 < sum(train.values()) <= 500
 
 
+def test_uneven_ranges_stay_aligned_over_epochs(synth_ready, real_ready):
+    """DALI pads every rank's range to the largest one: a rank with a shorter range must
+    still drop exactly that padding, or a batch of one repeated sample leaks into its next
+    epoch. Val 12 over 5 ranks (ranges 2 or 3) in batches of 2, three epochs; train 500 over
+    3 ranks (166, 167, 167) in batches of 83, three epochs (the real images: one per label)."""
+    expected = Counter(l for _, y in eval_loader(synth_ready, batch_size=12, device="cpu") for l in y.tolist())
+    loaders = [eval_loader(synth_ready, batch_size=2, device="cpu", rank=r, world_size=5) for r in range(5)]
+    for epoch_counts in zip(*[[Counter(l for _, y in loader for l in y.tolist()) for _ in range(3)]
+                              for loader in loaders]):
+        assert sum(epoch_counts, Counter()) == expected and sum(expected.values()) == 12
+    for r in range(3):
+        loader = train_loader(real_ready, batch_size=83, device="cpu", rank=r, world_size=3)
+        for _ in range(3):
+            batches = [y.tolist() for _, y in loader]
+            assert len(batches) == 2 and all(len(set(b)) == 83 for b in batches)
+
+
 def labels_of(loader, batches=None):
     out = []
     for i, (images, labels) in enumerate(loader):
