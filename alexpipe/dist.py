@@ -32,6 +32,9 @@ def setup(device: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) visible "
+                            f"(--nproc_per_node is more than the GPUs)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

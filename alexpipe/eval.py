@@ -246,6 +246,8 @@ def parse_args(argv) -> EvalConfig:
     p.add_argument("--figures", type=Path, default=None, help="where to write filters.png and predictions.png "
                    "(default: the checkpoint's folder)")
     args = p.parse_args(argv)
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 1):
+        raise UserError("--batch-size and --workers must be >= 1")
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     return EvalConfig(**vars(args))

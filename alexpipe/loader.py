@@ -147,8 +147,19 @@ def _common(out, split, device, rank, world_size, dtype, num_threads, verify):
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     threads = num_threads or (min(8, os.cpu_count() or 1) if device == "gpu" else len(os.sched_getaffinity(0)))
-    # each rank checks its share: present and of the right size, and (verify) its sha256
-    check_shards(shards[rank::world], hash_them=verify, workers=threads)
+    # each rank checks its share (present, right size, and with verify its sha256); under
+    # torch.distributed every rank raises if any found a problem, so none is left waiting
+    problem = None
+    try:
+        check_shards(shards[rank::world], hash_them=verify, workers=threads)
+    except UserError as e:
+        problem = str(e)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        found = [None] * world
+        torch.distributed.all_gather_object(found, problem)
+        problem = next((p for p in found if p), None)
+    if problem:
+        raise UserError(problem)
     kw = dict(num_threads=threads, device_id=torch.cuda.current_device() if device == "gpu" else None)
     return out, pca, shards, device, rank, world, kw
 
@@ -235,6 +246,8 @@ def _main(argv) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="gpu, cpu or auto")
     args = p.parse_args(argv)
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
     preview(args.out, args.png, args.n, args.seed, args.device)
     print(f"wrote {args.png}")
     return 0

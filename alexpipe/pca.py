@@ -230,7 +230,12 @@ def parse_args(argv) -> PCAConfig:
     p.add_argument("--seed", type=int, default=0, help="which shards --fraction picks")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 32 on CPU")
     p.add_argument("--output", type=Path, default=None, help="default: OUT/pca.json")
-    return PCAConfig(**vars(p.parse_args(argv)))
+    args = p.parse_args(argv)
+    for name in ("workers", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return PCAConfig(**vars(args))
 
 
 def _main(argv) -> int:

@@ -89,8 +89,8 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
 
     Order: the shard order is reshuffled every epoch (same seed on every rank, so ranks
     read disjoint ranges of one global order) and samples are mixed in a buffer of
-    `initial_fill`; prepare already shuffled the samples across all shards. Each rank's
-    range is padded to whole batches (the iterator drops the padding).
+    `initial_fill`; prepare already shuffled the samples across all shards. DALI pads each
+    rank's range to the largest rank's and to whole batches (the iterator drops the padding).
     The window's corner is at round-half-up(pos * (size - crop)), pos ~ U(0, 1), as DALI
     places crops. With `with_params` the drawn pos_x, pos_y, flip and alpha and each
     sample's source ("tar:offset:key.jpg") are returned too, for tests and inspection.
@@ -115,8 +115,9 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
 def eval_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: int, mean, std,
                   crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW", ten_crop: bool = False,
                   full_image: bool = False, square: int = 256):
-    """Evaluation views in stored order, each rank a fixed disjoint range padded to whole
-    batches (the iterator trims the padding, so every sample counts exactly once).
+    """Evaluation views in stored order, each rank a fixed disjoint range, padded to the
+    largest rank's and to whole batches (the iterator drops the padding, so every sample
+    counts exactly once).
 
     Center: the central crop x crop window. Ten-crop (the paper): the four corners and the
     center of the central square x square patch (of the whole image with full_image), each

@@ -134,8 +134,11 @@ def find_val_labels(src: Path, given: Path | None) -> tuple[str, Path]:
 def read_val_labels(kind: str, path: Path) -> dict[str, str]:
     """Image stem -> wnid."""
     if kind == "kaggle":
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{path}: unreadable label file ({e})") from None
         if not rows or rows[0][:2] != ["ImageId", "PredictionString"]:
             raise UserError(f"{path}: unknown label file format (expected header ImageId,PredictionString)")
         try:
@@ -150,8 +153,8 @@ def read_val_labels(kind: str, path: Path) -> dict[str, str]:
         synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
         id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
         ids = [int(line) for line in path.read_text().split()]
-    except (KeyError, ValueError, TypeError, OSError) as e:
-        raise UserError(f"{path}: unknown label file format ({e})") from None
+    except Exception as e:  # noqa: BLE001 - scipy's MatReadError and friends: the file is not what we need
+        raise UserError(f"{path}: unknown label file format ({type(e).__name__}: {e})") from None
     try:
         return {f"ILSVRC2012_val_{i + 1:08d}": id_to_wnid[x] for i, x in enumerate(ids)}
     except KeyError as e:
@@ -187,7 +190,8 @@ def scan(cfg: PrepareConfig) -> tuple[dict[str, list[Item]], list, str, str | No
             if labelling != "imagenet":
                 raise UserError(f"{val_dir}: a flat val folder needs ImageNet wnid class folders in train")
             kind, path = find_val_labels(src, cfg.val_labels)
-            val_source = f"{kind}: {path}"
+            print(f"val labels: {kind}: {path}")
+            val_source = f"{kind}: {path.name}"  # no directory: the manifest's identity must not depend on it
             stem_to_wnid = read_val_labels(kind, path)
             files = list_images(val_dir)
             missing = [f for f in files if f.stem not in stem_to_wnid]
@@ -340,9 +344,10 @@ def job_id(cfg: PrepareConfig, split: str, items: list[Item]) -> str:
     another job (other files, seed, quality...) is never reused."""
     h = hashlib.sha256()
     h.update(json.dumps([SHORT_SIDE, cfg.seed, cfg.quality, cfg.center_crop, cfg.shard_size,
-                         RESAMPLE.name, Image.__version__, split]).encode())
-    for it in items:
-        h.update(f"{it.path}\t{it.label}\n".encode())
+                         RESAMPLE.name, Image.__version__, __version__, split]).encode())
+    for it in items:  # size and mtime too: an edited source file makes a new job
+        st = (cfg.src / it.path).stat()
+        h.update(f"{it.path}\t{it.label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -442,7 +447,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     else:
         print(f"labels: folder names are not ImageNet wnids; using sorted folder order "
               f"({len(classes)} classes)")
-    if val_source:
+    if val_source == "class folders":
         print(f"val labels: {val_source}")
     print(flush=True)
     splits = dict(old["splits"]) if old else {}

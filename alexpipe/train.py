@@ -39,8 +39,8 @@ from . import dist
 from .eval import evaluate
 from .loader import eval_loader, load_pca, train_loader
 from .model import ARCHS, alexnet
-from .util import (UserError, config_dict, load_manifest, manifest_sha256, print_config, run_main, sha256_file,
-                   write_json)
+from .util import (UserError, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
+                   run_main, sha256_file, write_json)
 
 BASE_BATCH = 128
 
@@ -140,9 +140,12 @@ def train_epoch(model, loader, optimizer, schedule: Schedule, scaler, amp_dtype,
     def check(first_step: int):
         values = torch.stack(window).float().cpu()
         bad = torch.nonzero(~torch.isfinite(values)).flatten()
-        if len(bad):
-            raise Diverged(f"loss is {values[bad[0]].item()} at epoch {epoch + 1}, step {first_step + int(bad[0]) + 1}"
-                           f" (lr {lr:.3g}); the last checkpoint is from before this epoch")
+        # every rank stops together (at the first bad step of any rank), so none waits in an all-reduce
+        firsts = [b for b in dist.gather_objects(int(bad[0]) if len(bad) else None) if b is not None]
+        if firsts:
+            step = first_step + min(firsts) + 1
+            raise Diverged(f"loss is not finite at epoch {epoch + 1}, step {step} (lr {lr:.3g}); "
+                           f"the last checkpoint is from before this epoch")
         losses.extend(values.tolist())
         window.clear()
 
@@ -161,8 +164,9 @@ def train_epoch(model, loader, optimizer, schedule: Schedule, scaler, amp_dtype,
         bar.update(len(window))
     bar.close()
     seconds = time.perf_counter() - t0
-    return {"train_loss": float(np.mean(losses)), "images_per_s": n_images / seconds, "lr": lr,
-            "epoch_seconds": seconds}
+    totals = dist.gather_objects((float(np.sum(losses)), len(losses), n_images))  # over all ranks
+    return {"train_loss": sum(t[0] for t in totals) / sum(t[1] for t in totals),
+            "images_per_s": sum(t[2] for t in totals) / seconds, "lr": lr, "epoch_seconds": seconds}
 
 
 def rng_state() -> dict:
@@ -206,8 +210,12 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    """Temp file, fsync, rename: the old checkpoint stays whole until the new one is."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -235,7 +243,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     identity = {"manifest_sha256": manifest_sha256(cfg.out), "pca_sha256": sha256_file(cfg.out / "pca.json")
                 if (cfg.out / "pca.json").exists() else None}
     pca = load_pca(cfg.out)  # refuse a missing or stale pca.json before anything else
-    run_dir = cfg.run_dir or cfg.out / "runs" / cfg.arch
+    run_dir = cfg.run_dir or (Path(cfg.resume).parent if cfg.resume else cfg.out / "runs" / cfg.arch)
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = None
     if cfg.resume is not None:
@@ -253,7 +261,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         for key in ("manifest_sha256", "pca_sha256"):
             if ckpt[key] != identity[key]:
                 raise UserError(f"{cfg.resume}: trained on other shards or another pca.json than {cfg.out}")
-    elif d.main and ckpt_path.exists():
+    # rank 0's filesystem decides for all ranks, so none goes on alone into a collective
+    if dist.broadcast_object(ckpt_path.exists() and not (cfg.resume and ckpt_path.resolve() == Path(cfg.resume).resolve())):
         raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} or another --run-dir")
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
@@ -279,6 +288,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # hyperparameters are this run's, the buffers the checkpoint's
+            group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         scaler.load_state_dict(ckpt["scaler"])
         progress = {k: ckpt["schedule"][k] for k in ("drops", "best", "bad_epochs")}  # lr settings: this run's
         schedule = dataclasses.replace(schedule, **progress)
@@ -292,6 +303,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", config_dict(cfg))
+        if pca.get("split") != "train" or pca.get("fraction", 1) < 1:
+            print(f"note: {cfg.out / 'pca.json'} was computed on split {pca.get('split')!r}, "
+                  f"fraction {pca.get('fraction')}", flush=True)
         print(f"{cfg.arch} AlexNet, {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes; "
               f"{d.world} rank(s) x {per_rank} = batch {cfg.batch_size}, peak lr {schedule.peak_lr:g}, "
               f"{len(train_data)} steps/epoch; run dir {run_dir}", flush=True)
@@ -308,15 +322,15 @@ def train(cfg: TrainConfig) -> list[dict]:
                   f"top-1 err {100 * v['top1_err']:5.2f}%  top-5 err {100 * v['top5_err']:5.2f}%  "
                   f"({v['count']} val)  lr {m['lr']:.3g}  {m['images_per_s']:.0f} img/s  "
                   f"{m['epoch_seconds']:.0f} s" + ("  -> lr / 10" if dropped else ""), flush=True)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            plot_curves(metrics, run_dir / "curves.png")
             save_checkpoint(ckpt_path, {
                 "arch": cfg.arch, "groups": cfg.groups, "num_classes": num_classes, "world": d.world,
                 "classes": manifest["classes"], "normalize": {"mean": pca["mean"], "std": pca["std"]},
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "schedule": dataclasses.asdict(schedule), "metrics": metrics,
                 "config": config_dict(cfg), **identity, **state})
+            # after the checkpoint, and whole: a resume never repeats or loses a row
+            atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics).encode())
+            plot_curves(metrics, run_dir / "curves.png")
         dist.barrier()
     return metrics
 
@@ -352,6 +366,12 @@ def parse_args(argv) -> TrainConfig:
     p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms (for exact resume tests)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between host syncs / bar updates")
     args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "step_epochs", "log_every", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.lr <= 0 or args.patience < 0:
+        raise UserError("--lr must be > 0 and --patience >= 0")
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     return TrainConfig(**vars(args))

@@ -150,10 +150,13 @@ def check_shards(shards: list[dict], hash_them: bool, workers: int) -> None:
             return find_bad_sample([s]) or f"{tar}: sha256 differs from the manifest (corrupted or rewritten)"
         return None
 
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+    ex = ThreadPoolExecutor(max(1, workers))
+    try:
         for p in ex.map(problem, shards):
             if p:
                 raise UserError(p)
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)  # report the first problem without hashing the rest
 
 
 def iter_samples(shard: dict):
