@@ -20,6 +20,7 @@ errors of mean, std and eigval, so a --fraction run says how far it can be trust
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,9 +140,17 @@ def image_sums(images: torch.Tensor):
     return (sums_elementwise if images.is_cuda else sums_matmul)(images)
 
 
-def accumulate(shards: list[dict], device: str, workers: int, batch_size: int) -> np.ndarray:
+IN_FLIGHT = 4  # batches whose sums are still being computed on the GPU when the next is read
+
+
+def accumulate(shards: list[dict], device: str, workers: int, batch_size: int,
+               in_flight: int = IN_FLIGHT) -> tuple[np.ndarray, float]:
     """The streaming pass over every image of `shards`: one exact row of sums per
-    jackknife group (image ordinal mod GROUPS), as a (GROUPS, ROW) object array."""
+    jackknife group (image ordinal mod GROUPS), as a (GROUPS, ROW) object array, and the
+    time.perf_counter() at which the first batch arrived (the end of the start-up).
+
+    The host waits for a batch's sums only `in_flight` batches later (a CUDA event per
+    batch; its DALI buffer is held until then), so the host never stalls the decoder."""
     total_images = sum(s["count"] for s in shards)
     pipe = decoded_pipeline(shards, device, batch_size=batch_size, num_threads=max(1, workers),
                             device_id=0 if device == "gpu" else None, prefetch_queue_depth=2)
@@ -149,7 +158,20 @@ def accumulate(shards: list[dict], device: str, workers: int, batch_size: int) -
     if pipe.epoch_size(READER) != total_images:
         raise UserError(f"the shards hold {pipe.epoch_size(READER)} samples, the manifest says {total_images}")
     groups = np.zeros((GROUPS, ROW), dtype=object)
-    ordinal = 0
+    pending = collections.deque()
+
+    def finish(event, sums, _images, shapes, start):
+        if event is not None:
+            event.synchronize()
+        s = sums.numpy()  # (k, 9): r g b, rr gg bb, rg gb br
+        k = len(s)
+        prods = s[:, 3:4], s[:, 6:7], s[:, 8:9], s[:, 4:5], s[:, 7:8], s[:, 5:6]  # rr rg rb gg gb bb
+        rows = np.concatenate([np.ones((k, 1), np.int64), shapes[:, :1] * shapes[:, 1:2], s[:, :3], *prods], axis=1)
+        batch = np.zeros((GROUPS, ROW), np.int64)  # within a batch int64 cannot overflow
+        np.add.at(batch, (start + np.arange(k)) % GROUPS, rows)
+        groups[...] += batch.astype(object)
+
+    ordinal, first = 0, None
     with tqdm(total=total_images, unit="img", desc="pca", smoothing=0.05) as bar:
         while ordinal < total_images:
             try:
@@ -157,17 +179,24 @@ def accumulate(shards: list[dict], device: str, workers: int, batch_size: int) -
             except RuntimeError as e:
                 where = find_bad_sample(shards)
                 raise UserError(where or f"decoding failed: {str(e).splitlines()[0]}") from None
+            first = first or time.perf_counter()
             k = min(len(shapes), total_images - ordinal)  # drop the last batch's padding
-            s, sq, cr = (t.cpu().numpy() for t in image_sums(torch.from_dlpack(images.as_tensor())[:k]))
-            shapes = np.asarray(shapes.as_tensor())[:k].astype(np.int64)
-            prods = sq[:, :1], cr[:, :1], cr[:, 2:], sq[:, 1:2], cr[:, 1:2], sq[:, 2:]  # rr rg rb gg gb bb
-            rows = np.concatenate([np.ones((k, 1), np.int64), shapes[:, :1] * shapes[:, 1:2], s, *prods], axis=1)
-            batch = np.zeros((GROUPS, ROW), np.int64)  # within a batch int64 cannot overflow
-            np.add.at(batch, (ordinal + np.arange(k)) % GROUPS, rows)
-            groups += batch.astype(object)
+            x = torch.from_dlpack(images.as_tensor())[:k]
+            sums = torch.cat(image_sums(x), 1)
+            event = None
+            if sums.is_cuda:
+                host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+                host.copy_(sums, non_blocking=True)
+                sums, event = host, torch.cuda.Event()
+                event.record()
+            pending.append((event, sums, x, np.asarray(shapes.as_tensor())[:k].astype(np.int64), ordinal))
+            if len(pending) > in_flight:
+                finish(*pending.popleft())
             ordinal += k
             bar.update(k)
-    return groups
+        while pending:
+            finish(*pending.popleft())
+    return groups, first
 
 
 def compute(cfg: PCAConfig) -> dict:
@@ -180,8 +209,10 @@ def compute(cfg: PCAConfig) -> dict:
         raise UserError(f"{cfg.out}: split {cfg.split!r} has no samples")
     check_shards(shards, hash_them=True, workers=cfg.workers)
     t0 = time.perf_counter()
-    groups = accumulate(shards, device, cfg.workers, cfg.batch_size or (256 if device == "gpu" else 32))
-    seconds = time.perf_counter() - t0
+    batch_size = cfg.batch_size or (256 if device == "gpu" else 32)
+    groups, first = accumulate(shards, device, cfg.workers, batch_size)
+    end = time.perf_counter()
+    seconds, startup = end - t0, first - t0
     total = groups.sum(0)
     result = {
         **statistics(total),
@@ -195,6 +226,9 @@ def compute(cfg: PCAConfig) -> dict:
                  "rr_rg_rb_gg_gb_bb": [str(v) for v in total[5:]]},
         "manifest_sha256": manifest_sha256(cfg.out),
         "seconds": round(seconds, 2), "images_per_second": round(int(total[0]) / seconds, 1),
+        # start-up (pipeline build, decoder init, first batch) apart: it does not grow with the data
+        "startup_seconds": round(startup, 2),
+        "steady_images_per_second": round((int(total[0]) - min(batch_size, int(total[0]))) / max(end - first, 1e-9), 1),
     }
     return result
 
@@ -206,7 +240,8 @@ def report(r: dict) -> str:
     eig01 = [v / 255 ** 2 for v in r["eigval"]]
     lines = [
         f"{r['images']} images, {r['pixels']} pixels ({r['split']}, fraction {r['fraction']}), "
-        f"{r['images_per_second']:.0f} images/s with {r['decoder']}",
+        f"{r['images_per_second']:.0f} images/s with {r['decoder']} ({r['startup_seconds']:.1f} s start-up, "
+        f"then {r['steady_images_per_second']:.0f} images/s)",
         f"mean (0..255)   {fmt(r['mean'])}" + (f"  +- {fmt(se['mean'])}" if se else ""),
         f"std  (0..255)   {fmt(r['std'])}" + (f"  +- {fmt(se['std'])}" if se else ""),
         f"eigval (0..255) {fmt(r['eigval'])}" + (f"  +- {fmt(se['eigval'])}" if se else ""),
