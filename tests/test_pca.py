@@ -13,6 +13,7 @@ from PIL import Image
 
 from alexpipe import pca
 from alexpipe.prepare import PrepareConfig, prepare
+from alexpipe.util import split_shards
 
 
 def numpy_reference(out: Path, split: str = "train"):
@@ -103,6 +104,15 @@ def test_workers_and_batch_size_do_not_change_the_result(synth_out):
     b = run(synth_out, "--workers", "1", "--batch-size", "7", name="b.json")
     for key in ("sums", "mean", "cov", "eigval", "eigvec", "stderr", "images", "pixels"):
         assert a[key] == b[key], key
+
+
+def test_sums_do_not_depend_on_how_many_batches_are_in_flight(synth_out):
+    manifest = json.loads((synth_out / "manifest.json").read_text())
+    shards = split_shards(manifest, synth_out, "train")
+    first, _ = pca.accumulate(shards, "cpu", 2, 5, in_flight=0)
+    later, _ = pca.accumulate(shards, "cpu", 2, 5, in_flight=3)
+    assert first.sum(0)[0] == sum(s["count"] for s in shards)
+    assert (first == later).all()
 
 
 def test_fraction_uses_seeded_whole_shards(real_out):
