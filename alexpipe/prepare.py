@@ -42,6 +42,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -51,7 +52,7 @@ from .util import (MANIFEST, MANIFEST_FORMAT, UserError, atomic_write_bytes, con
 
 SHORT_SIDE = 256
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-RESAMPLE = Image.Resampling.BICUBIC  # antialiased (support scales with the ratio); 1.4x faster than LANCZOS here
+RESAMPLE = "bicubic"  # antialiased (support scales with the ratio), PIL's filter, computed by torch (see resize)
 
 
 @dataclass
@@ -217,16 +218,15 @@ def shuffled(items: list[Item], seed: int) -> list[Item]:
 # ---------------------------------------------------------------------------- one image
 
 def target_geometry(size: tuple[int, int], center_crop: bool):
-    """(output size, source box): the short side scaled to 256, and with center_crop the
-    box of the source that becomes the central 256x256 square."""
+    """(resized size, crop box): the short side scaled to 256, and with center_crop the
+    box of the resized image that is its central 256x256 square (else None)."""
     w, h = size
     scale = SHORT_SIDE / min(w, h)
     tw, th = max(1, round(w * scale)), max(1, round(h * scale))
     if not center_crop:
-        return (tw, th), (tw, th), (0.0, 0.0, float(w), float(h))
+        return (tw, th), None
     left, top = (tw - SHORT_SIDE) // 2, (th - SHORT_SIDE) // 2
-    box = (left / scale, top / scale, (left + SHORT_SIDE) / scale, (top + SHORT_SIDE) / scale)
-    return (SHORT_SIDE, SHORT_SIDE), (tw, th), box
+    return (tw, th), (left, top, left + SHORT_SIDE, top + SHORT_SIDE)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -241,18 +241,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize(rgb: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Antialiased bicubic resize with torch's uint8 kernel on an HWC (channels_last) view:
+    PIL's filter (within 2 of 255 levels, mean difference 0.003), at 0.66 ms instead of
+    PIL's 2.41 ms for a 500x375 ImageNet JPEG to 341x256 - PIL's resize was half of a
+    worker's time (measured on the dev box, one thread)."""
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None]
+    y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode=RESAMPLE, antialias=True)
+    return Image.fromarray(y[0].permute(1, 2, 0).numpy())
+
+
 def load_resized(path, center_crop: bool, draft: bool = True) -> tuple[Image.Image, dict]:
     """Decode by content, convert to RGB, resize (and crop). Returns the image and what
     the sample's .json records about the source."""
     with Image.open(path) as img:
         info = {"size": list(img.size), "format": img.format, "mode": img.mode}
-        out_size, full_size, box = target_geometry(img.size, center_crop)
+        size, box = target_geometry(img.size, center_crop)
         if draft and img.format == "JPEG":
-            img.draft("RGB", full_size)  # the decoder scales by 1/2..1/8 while staying >= full_size
-            sx, sy = img.size[0] / info["size"][0], img.size[1] / info["size"][1]
-            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        rgb = to_rgb(img)
-        return rgb.resize(out_size, RESAMPLE, box=box), info
+            img.draft("RGB", size)  # the decoder scales by 1/2..1/8 while staying >= size
+        out = resize(to_rgb(img), size)
+        return (out.crop(box) if box else out), info
 
 
 def tar_members(key: str, files: dict[str, bytes]) -> tuple[bytes, list[str]]:
@@ -290,9 +298,10 @@ def convert_one(src: Path, center_crop: bool, quality: int, task: tuple[int, Ite
                                         "json": json.dumps(meta, sort_keys=True).encode()})
 
 
-def _ignore_sigint():
+def _init_worker():
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, in the parent
+    torch.set_num_threads(1)  # one process per core already; torch's own threads would oversubscribe
 
 
 # ---------------------------------------------------------------------------- shards
@@ -344,7 +353,7 @@ def job_id(cfg: PrepareConfig, split: str, items: list[Item]) -> str:
     another job (other files, seed, quality...) is never reused."""
     h = hashlib.sha256()
     h.update(json.dumps([SHORT_SIDE, cfg.seed, cfg.quality, cfg.center_crop, cfg.shard_size,
-                         RESAMPLE.name, Image.__version__, __version__, split]).encode())
+                         RESAMPLE, Image.__version__, torch.__version__, __version__, split]).encode())
     for it in items:  # size and mtime too: an edited source file makes a new job
         st = (cfg.src / it.path).stat()
         h.update(f"{it.path}\t{it.label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -434,7 +443,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     except OSError as e:
         raise UserError(f"{cfg.out}: not writable ({e.strerror})") from None
     settings = {"short_side": SHORT_SIDE, "center_crop": cfg.center_crop, "quality": cfg.quality,
-                "seed": cfg.seed, "shard_size": cfg.shard_size, "resample": RESAMPLE.name.lower(),
+                "seed": cfg.seed, "shard_size": cfg.shard_size, "resample": RESAMPLE,
                 "labels": labelling}
     manifest_path = cfg.out / MANIFEST
     old = read_json(manifest_path, "manifest") if manifest_path.exists() else None
@@ -454,7 +463,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     t0 = time.perf_counter()
     n_images = 0
     try:
-        with Pool(cfg.workers, initializer=_ignore_sigint) as pool:
+        with Pool(cfg.workers, initializer=_init_worker) as pool:
             for split, its in items.items():
                 its = shuffled(its, cfg.seed)
                 splits[split] = prepare_split(cfg, split, its, pool)
@@ -524,7 +533,7 @@ def verify(out: Path, workers: int) -> int:
     center_crop = manifest["settings"]["center_crop"]
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     problems, n = [], 0
-    with Pool(workers, initializer=_ignore_sigint) as pool:
+    with Pool(workers, initializer=_init_worker) as pool:
         check = partial(verify_shard, out, center_crop=center_crop)
         for shard, found in zip(shards, tqdm(pool.imap(check, shards), total=len(shards), unit="shard")):
             problems += found

@@ -113,7 +113,7 @@ def test_learns_a_synthetic_dataset(shapes_run):
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "config.json").read_text())["arch"] == "torchvision"
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 10 and ckpt["num_classes"] == 4 and ckpt["config"]["lr"] == 0.12
+    assert ckpt["epoch"] == 10 and ckpt["num_classes"] == 4 and ckpt["config"]["lr"] == 0.1
 
 
 def run_cli(out, run, *extra) -> int:

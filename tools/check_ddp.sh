@@ -13,7 +13,7 @@ alexpipe-sample "$dir/src" --names shape --val-per-class 37
 alexpipe-prepare "$dir/src" "$dir/out" --shard-size 64
 alexpipe-pca "$dir/out"
 torchrun --standalone --nproc_per_node "$n" -m alexpipe.train "$dir/out" --arch torchvision --epochs 10 \
-    --batch-size 32 --lr 0.12 --warmup-epochs 2 --log-every 5 --run-dir "$dir/run"
+    --batch-size 32 --lr 0.1 --warmup-epochs 2 --log-every 5 --run-dir "$dir/run"
 alexpipe-eval "$dir/run/checkpoint.pt" "$dir/out" --crops both --batch-size 30 --json "$dir/eval1.json"
 torchrun --standalone --nproc_per_node "$n" -m alexpipe.eval "$dir/run/checkpoint.pt" "$dir/out" --crops both \
     --batch-size 30 --json "$dir/eval$n.json"

@@ -12,7 +12,7 @@ alexpipe-prepare "$dir/src" "$dir/out" --shard-size 64
 alexpipe-prepare --verify "$dir/out"
 alexpipe-pca "$dir/out"
 alexpipe-preview "$dir/out" --png "$dir/preview.png"
-alexpipe-train "$dir/out" --arch torchvision --epochs 10 --batch-size 32 --lr 0.12 --warmup-epochs 2 \
+alexpipe-train "$dir/out" --arch torchvision --epochs 10 --batch-size 32 --lr 0.1 --warmup-epochs 2 \
     --log-every 5 --run-dir "$dir/run"
 alexpipe-eval "$dir/run/checkpoint.pt" "$dir/out" --json "$dir/run/eval.json"
 alexpipe-predict "$dir/run/checkpoint.pt" "$dir/src/val/disk_020/"*.JPEG
