@@ -116,7 +116,7 @@ def resolve_device(device: str) -> str:
 
 
 def sums_elementwise(images: torch.Tensor):
-    """Per image of a (B, H, W, 3) uint8 batch: channel sums [r, g, b], squares
+    """Per image of a (B, N, 3) uint8 batch of pixels: channel sums [r, g, b], squares
     [rr, gg, bb] and cross products [rg, gb, br], each (B, 3) int64: products of 0..255
     values exact in int32, summed in int64, in memory-bound elementwise passes."""
     x = images.reshape(images.shape[0], -1, 3).int()
@@ -228,7 +228,9 @@ def compute(cfg: PCAConfig) -> dict:
         "seconds": round(seconds, 2), "images_per_second": round(int(total[0]) / seconds, 1),
         # start-up (pipeline build, decoder init, first batch) apart: it does not grow with the data
         "startup_seconds": round(startup, 2),
-        "steady_images_per_second": round((int(total[0]) - min(batch_size, int(total[0]))) / max(end - first, 1e-9), 1),
+        # None where fewer than two batches follow the first: too few to time
+        "steady_images_per_second": round((int(total[0]) - batch_size) / (end - first), 1)
+        if int(total[0]) > 2 * batch_size else None,
     }
     return result
 
@@ -240,8 +242,8 @@ def report(r: dict) -> str:
     eig01 = [v / 255 ** 2 for v in r["eigval"]]
     lines = [
         f"{r['images']} images, {r['pixels']} pixels ({r['split']}, fraction {r['fraction']}), "
-        f"{r['images_per_second']:.0f} images/s with {r['decoder']} ({r['startup_seconds']:.1f} s start-up, "
-        f"then {r['steady_images_per_second']:.0f} images/s)",
+        f"{r['images_per_second']:.0f} images/s with {r['decoder']} ({r['startup_seconds']:.1f} s start-up"
+        + (f", then {r['steady_images_per_second']:.0f} images/s)" if r["steady_images_per_second"] else ")"),
         f"mean (0..255)   {fmt(r['mean'])}" + (f"  +- {fmt(se['mean'])}" if se else ""),
         f"std  (0..255)   {fmt(r['std'])}" + (f"  +- {fmt(se['std'])}" if se else ""),
         f"eigval (0..255) {fmt(r['eigval'])}" + (f"  +- {fmt(se['eigval'])}" if se else ""),

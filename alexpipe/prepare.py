@@ -443,7 +443,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     except OSError as e:
         raise UserError(f"{cfg.out}: not writable ({e.strerror})") from None
     settings = {"short_side": SHORT_SIDE, "center_crop": cfg.center_crop, "quality": cfg.quality,
-                "seed": cfg.seed, "shard_size": cfg.shard_size, "resample": RESAMPLE,
+                "seed": cfg.seed, "shard_size": cfg.shard_size, "resample": f"{RESAMPLE}, antialiased (torch uint8)",
                 "labels": labelling}
     manifest_path = cfg.out / MANIFEST
     old = read_json(manifest_path, "manifest") if manifest_path.exists() else None

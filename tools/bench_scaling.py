@@ -91,17 +91,18 @@ def worker(args) -> None:
 def driver(args) -> int:
     if not torch.cuda.is_available():
         sys.exit("bench_scaling: needs CUDA GPUs")
-    from alexpipe.pca import PCAConfig, compute
     from alexpipe.prepare import PrepareConfig, prepare
-    from alexpipe.util import write_json
     gpus = [int(n) for n in args.gpus.split(",") if int(n) <= torch.cuda.device_count()]
+    if not gpus:
+        sys.exit(f"bench_scaling: --gpus {args.gpus}: none fits the {torch.cuda.device_count()} visible GPU(s)")
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out
         if out is None:
             make_tree(args.src, Path(tmp) / "src", args.repeat)
             out = Path(tmp) / "out"
             prepare(PrepareConfig(src=Path(tmp) / "src", out=out, split="train", shard_size=500))
-            write_json(out / "pca.json", compute(PCAConfig(out=out)))
+            # in its own process, so this one holds no CUDA context or DALI memory on GPU 0
+            subprocess.run([sys.executable, "-m", "alexpipe.pca", str(out)], check=True)
         results = {}
         for n in gpus:
             res = Path(tmp) / f"result{n}.json"
@@ -113,8 +114,8 @@ def driver(args) -> int:
             results[n] = json.loads(res.read_text())
     one = results[gpus[0]]
     print(f"\n{one['gpu']} x {', '.join(map(str, gpus))}; per-rank batch {args.batch_size}, bf16, channels_last, "
-          f"torch.compile, DDP; {args.steps} timed steps; efficiency = imgs/s(N) / (N x imgs/s({gpus[0]}))")
-    print(f"\n{'GPUs':>4} {'loader/GPU':>11} {'vs 1':>5}", end="")
+          f"torch.compile, DDP; {args.steps} timed steps; efficiency = imgs/s(N) / (N/{gpus[0]} x imgs/s({gpus[0]}))")
+    print(f"\n{'GPUs':>4} {'loader/GPU':>11} {'vs ' + str(gpus[0]):>5}", end="")
     archs = args.archs.split(",")
     for arch in archs:
         print(f" | {arch + ' (a) loader':>24} {'eff':>5} {'(b) synthetic':>14} {'eff':>5}", end="")
