@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 from alexpipe.eval import crop_probabilities, evaluate
-from alexpipe.loader import eval_loader
+from alexpipe.loader import eval_loader, load_pca
 from alexpipe.model import alexnet
-from alexpipe.pca import PCAConfig, compute
-from alexpipe.prepare import PrepareConfig, prepare
-from alexpipe.util import load_manifest, write_json
-from bench_prepare import DEFAULT_SRC, make_tree
+from alexpipe.util import load_manifest
+from bench_prepare import DEFAULT_SRC, sample_shards
 
 
 def baseline(out: Path, model, batch: int, workers: int, pca: dict) -> tuple[float, float]:
@@ -63,11 +61,8 @@ def main(argv=None) -> int:
         sys.exit("bench_eval: needs a CUDA GPU")
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
-        make_tree(args.src, Path(tmp) / "src", args.repeat)
-        out = Path(tmp) / "out"
-        prepare(PrepareConfig(src=Path(tmp) / "src", out=out, split="train", shard_size=250))
-        pca = compute(PCAConfig(out=out))
-        write_json(out / "pca.json", pca)
+        out = sample_shards(args.src, Path(tmp), args.repeat, shard_size=250)
+        pca = load_pca(out)
         torch.manual_seed(0)
         model = alexnet("torchvision").cuda().to(memory_format=torch.channels_last).eval()
         n = load_manifest(out)["splits"]["train"]["count"]

@@ -27,11 +27,9 @@ from pathlib import Path
 import torch
 
 from alexpipe.loader import train_loader
-from alexpipe.pca import PCAConfig, compute
 from alexpipe.pipeline import decode, pipeline_def, read_shards
-from alexpipe.prepare import PrepareConfig, prepare
-from alexpipe.util import load_manifest, split_shards, write_json
-from bench_prepare import DEFAULT_SRC, make_tree
+from alexpipe.util import load_manifest, split_shards
+from bench_prepare import DEFAULT_SRC, sample_shards
 
 GPU = torch.cuda.is_available()
 
@@ -124,13 +122,7 @@ def main(argv=None) -> int:
         sys.exit(f"bench_loader: {args.src}: not found (pass --src DIR of JPEGs)")
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out
-        if out is None:
-            tmp = Path(tmp)
-            make_tree(args.src, tmp / "src", args.repeat)
-            out = tmp / "out"
-            prepare(PrepareConfig(src=tmp / "src", out=out, split="train", shard_size=500))
-            write_json(out / "pca.json", compute(PCAConfig(out=out)))
+        out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
         n = load_manifest(out)["splits"]["train"]["count"]
         device = torch.cuda.get_device_name() if GPU else "CPU (smoke test)"
         print(f"\n{n} samples; {device}; {cores} CPU cores; {args.batches} timed batches, median of {args.repeats}")

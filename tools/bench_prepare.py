@@ -17,6 +17,7 @@ import io
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +80,17 @@ def make_tree(src: Path, root: Path, repeat: int) -> list[Path]:
             link = d / f"{p.stem}_r{r}{p.suffix}"
             os.symlink(p.resolve(), link)
             out.append(link)
+    return out
+
+
+def sample_shards(src: Path, root: Path, repeat: int, shard_size: int = 500) -> Path:
+    """The benchmarks' data: make_tree(src, root/src, repeat) prepared into root/out with its
+    pca.json (alexpipe-pca in its own process, so the caller holds no CUDA context or DALI
+    memory from it)."""
+    make_tree(src, root / "src", repeat)
+    out = root / "out"
+    prepare(PrepareConfig(src=root / "src", out=out, split="train", shard_size=shard_size))
+    subprocess.run([sys.executable, "-m", "alexpipe.pca", str(out)], check=True)
     return out
 
 

@@ -35,7 +35,7 @@ from alexpipe import dist
 from alexpipe.loader import train_loader
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
-from bench_prepare import DEFAULT_SRC, make_tree
+from bench_prepare import DEFAULT_SRC, sample_shards
 
 
 def timed(step, batches, steps: int, warmup: int, per_rank: int) -> float:
@@ -91,18 +91,11 @@ def worker(args) -> None:
 def driver(args) -> int:
     if not torch.cuda.is_available():
         sys.exit("bench_scaling: needs CUDA GPUs")
-    from alexpipe.prepare import PrepareConfig, prepare
     gpus = [int(n) for n in args.gpus.split(",") if int(n) <= torch.cuda.device_count()]
     if not gpus:
         sys.exit(f"bench_scaling: --gpus {args.gpus}: none fits the {torch.cuda.device_count()} visible GPU(s)")
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out
-        if out is None:
-            make_tree(args.src, Path(tmp) / "src", args.repeat)
-            out = Path(tmp) / "out"
-            prepare(PrepareConfig(src=Path(tmp) / "src", out=out, split="train", shard_size=500))
-            # in its own process, so this one holds no CUDA context or DALI memory on GPU 0
-            subprocess.run([sys.executable, "-m", "alexpipe.pca", str(out)], check=True)
+        out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
         results = {}
         for n in gpus:
             res = Path(tmp) / f"result{n}.json"

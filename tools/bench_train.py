@@ -25,12 +25,9 @@ import torch
 
 from alexpipe.loader import train_loader
 from alexpipe.model import alexnet
-from alexpipe.pca import PCAConfig, compute
-from alexpipe.prepare import PrepareConfig, prepare
 from alexpipe.train import train_step
-from alexpipe.util import write_json
 from bench_loader import torchvision_loader
-from bench_prepare import DEFAULT_SRC, make_tree
+from bench_prepare import DEFAULT_SRC, sample_shards
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -64,12 +61,7 @@ def main(argv=None) -> int:
     cores = len(os.sched_getaffinity(0))
     dev = torch.device("cuda")
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out
-        if out is None:
-            make_tree(args.src, Path(tmp) / "src", args.repeat)
-            out = Path(tmp) / "out"
-            prepare(PrepareConfig(src=Path(tmp) / "src", out=out, split="train", shard_size=500))
-            write_json(out / "pca.json", compute(PCAConfig(out=out)))
+        out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
         b = args.batch_size
         print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; batch {b}, bf16 autocast, channels_last, "
               f"torch.compile, SGD; {args.steps} timed steps after warmup")
