@@ -44,13 +44,6 @@ def setup(device: str) -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
-def cores_per_rank() -> int:
-    """This process's share of the CPU cores it may run on: torchrun starts LOCAL_WORLD_SIZE
-    processes on a node, each allowed every core, so a rank that took them all would starve
-    the others' loaders."""
-    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (gloo reduces CPU tensors, NCCL device tensors)."""
     if dist.is_initialized():

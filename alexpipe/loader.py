@@ -13,11 +13,6 @@ rank with one batch more; the few samples left over (fewer than W*batch_size, di
 ones each epoch) are not seen that epoch and no sample is seen twice. Eval: every sample
 exactly once, the last batch partial, no padding counted.
 
-A train batch can come from two pipelines at once (`host_decode=0.5`): rank r then reads
-as the two virtual ranks 2r and 2r+1 of 2W, one decoding its half with nvJPEG on the GPU,
-the other on the host CPU, and the halves are concatenated; everything above holds with
-2W ranges of half batches.
-
 State: `state_dict()` (epoch, batch within it, and DALI's own checkpoint of reader
 positions and random generators) restores the exact sample order and augmentation, at an
 epoch boundary or mid-epoch.
@@ -29,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from nvidia.dali import types
 
-from .dist import cores_per_rank
 from .pipeline import eval_pipeline, train_pipeline
 from .util import (UserError, check_shards, load_manifest, manifest_sha256, read_json, run_main,
                    split_shards)
@@ -89,39 +84,31 @@ def range_sizes(n: int, world: int) -> list[int]:
 
 
 class DaliLoader:
-    """Iterate DALI pipelines as (images, labels) torch batches, one epoch per iteration.
+    """Iterate a DALI pipeline as (images, labels) torch batches, one epoch per iteration.
 
-    images: (B, 3, H, W) or, for ten-crop, (B, 10, 3, H, W), on the pipelines' device, in
-    `dtype`, channels_last memory if asked; labels: (B,) int64. `make_pipe(part, checkpoint)`
-    builds part p of this rank's `parts` pipelines, each yielding batch_size // parts samples of
-    virtual rank rank * parts + p of world * parts; a batch is their concatenation."""
+    images: (B, 3, H, W) or, for ten-crop, (B, 10, 3, H, W), on the pipeline's device, in
+    `dtype`, channels_last memory if asked; labels: (B,) int64."""
 
     def __init__(self, make_pipe, n_samples: int, batch_size: int, rank: int, world: int, drop_last: bool,
-                 torch_dtype, channels_last: bool, state: dict | None = None, parts: int = 1,
-                 host_decode: float | None = None):
-        step = batch_size // parts
-        sizes = range_sizes(n_samples, world * parts)
-        self.batch_size, self.rank_size = batch_size, sum(sizes[rank * parts:(rank + 1) * parts])
-        # With pad_last_batch DALI pads every range to the largest one, then to a whole batch:
-        # that is the reader's epoch in every pipeline, and all of it must be consumed.
-        self.reader_batches = math.ceil(max(sizes) / step)
-        self.length = min(s // step for s in sizes) if drop_last else math.ceil(self.rank_size / batch_size)
+                 torch_dtype, channels_last: bool, state: dict | None = None):
+        sizes = range_sizes(n_samples, world)
+        self.batch_size, self.rank_size = batch_size, sizes[rank]
+        # With pad_last_batch DALI pads every rank's range to the largest one, then to a whole
+        # batch: that is the reader's epoch on every rank, and all of it must be consumed.
+        self.reader_batches = math.ceil(max(sizes) / batch_size)
+        self.length = min(s // batch_size for s in sizes) if drop_last else math.ceil(self.rank_size / batch_size)
         if self.length == 0:
             raise UserError(f"batch size {batch_size} x {world} ranks is more than the {n_samples} samples")
         self.drop_last, self.torch_dtype, self.channels_last = drop_last, torch_dtype, channels_last
-        self.host_decode = host_decode
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
-        checkpoints = state["dali"] if state else [None] * parts
-        self.pipes = [make_pipe(p, c) for p, c in enumerate(checkpoints)]
-        for pipe in self.pipes:
-            pipe.build()
+        self.pipe = make_pipe(state["dali"] if state else None)
+        self.pipe.build()
 
     def __len__(self) -> int:
         return self.length
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "host_decode": self.host_decode,
-                "dali": [pipe.checkpoint() for pipe in self.pipes]}
+        return {"epoch": self.epoch, "batch": self.batch, "dali": self.pipe.checkpoint()}
 
     @staticmethod
     def _torch(tl) -> torch.Tensor:
@@ -132,9 +119,8 @@ class DaliLoader:
 
     def __iter__(self):
         for b in range(self.batch, self.length):
-            outs = [pipe.run() for pipe in self.pipes]
-            x, y = (self._torch(o[0]) for o in outs), (parse_labels(self._torch(o[1])) for o in outs)
-            x, y = (torch.cat(list(x)), torch.cat(list(y))) if len(outs) > 1 else (next(x), next(y))
+            images, labels = self.pipe.run()[:2]
+            x, y = self._torch(images), parse_labels(self._torch(labels))
             keep = self.rank_size - b * self.batch_size
             if keep < len(y):  # eval's last batch: drop the reader's padding
                 x, y = x[:keep], y[:keep]
@@ -145,8 +131,7 @@ class DaliLoader:
             self.batch = b + 1
             yield x, y
         for _ in range(self.length, self.reader_batches):
-            for pipe in self.pipes:
-                pipe.run()  # the dropped remainder and the padding, to end the reader's epoch
+            self.pipe.run()  # the dropped remainder and the padding, to end the reader's epoch
         self.epoch, self.batch = self.epoch + 1, 0
 
 
@@ -161,7 +146,7 @@ def _common(out, split, device, rank, world_size, dtype, num_threads, verify):
     rank, world = rank_and_world(rank, world_size)
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    threads = num_threads or (min(8, cores_per_rank()) if device == "gpu" else cores_per_rank())
+    threads = num_threads or (min(8, os.cpu_count() or 1) if device == "gpu" else len(os.sched_getaffinity(0)))
     # each rank checks its share (present, right size, and with verify its sha256); under
     # torch.distributed every rank raises if any found a problem, so none is left waiting
     problem = None
@@ -179,61 +164,25 @@ def _common(out, split, device, rank, world_size, dtype, num_threads, verify):
     return out, pca, shards, device, rank, world, kw
 
 
-HOST_DECODE_MIN_CORES = 12  # cores per rank for the default host_decode=0.5 on a GPU (measured at 16)
-
-
-def resolve_host_decode(host_decode: float | None, device: str, batch_size: int, threads: int | None) -> float:
-    """The share of each train batch decoded on the host CPU: 0, 0.5 or 1.
-
-    Default on a GPU: 0.5 when this rank has HOST_DECODE_MIN_CORES cores or more, else 0.
-    nvJPEG's per-image steps (host syncs, bitstream copies, 3-5 us kernels) wait behind the
-    model's 0.3-0.9 ms kernels, so in training the GPU decoder and the model run nearly in
-    series; half the batch decoded by libjpeg-turbo on 10 of 16 cores (nvJPEG on 6 threads)
-    takes that half off the GPU: paper AlexNet on an H100 with 16 cores 13.5k -> 16.3k
-    images/s, torchvision's 18.2k -> 18.6k (measured). With few cores the host half would
-    be the slower one. On the CPU every decode is a host decode: 1."""
-    if host_decode is None:
-        if device == "cpu":
-            return 1.0
-        cores = threads or cores_per_rank()
-        return 0.5 if cores >= HOST_DECODE_MIN_CORES and batch_size % 2 == 0 else 0.0
-    if host_decode not in (0, 0.5, 1):
-        raise UserError(f"host_decode must be 0, 0.5 or 1, got {host_decode}")
-    if host_decode == 0.5 and batch_size % 2:
-        raise UserError(f"host_decode 0.5 splits each batch in two halves: batch size {batch_size} is odd")
-    return float(host_decode)
-
-
 def train_loader(out, batch_size: int = 256, *, split: str = "train", device: str = "auto", rank: int | None = None,
                  world_size: int | None = None, seed: int = 0, dtype: str = "float16", channels_last: bool = True,
                  lighting: float = 0.1, crop: int = 224, num_threads: int | None = None, initial_fill: int = 4096,
-                 prefetch: int = 2, hw_decoder_load: float = 0.65, host_decode: float | None = None,
-                 verify: bool = True, state: dict | None = None) -> DaliLoader:
+                 prefetch: int = 2, hw_decoder_load: float = 0.65, verify: bool = True,
+                 state: dict | None = None) -> DaliLoader:
     """AlexNet's training stream: random crop, flip, PCA lighting (alpha ~ N(0, lighting)),
-    normalization with OUT/pca.json's mean and std. `host_decode`: see resolve_host_decode;
-    with 0.5 the rank's threads go 6 (at most half) to the nvJPEG pipeline, the rest to the
-    host-decoding one. A `state` fixes host_decode to the value it was saved with."""
+    normalization with OUT/pca.json's mean and std."""
     out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
                                                         num_threads, verify)
-    if state and host_decode is not None and host_decode != state["host_decode"]:
-        raise UserError(f"loader state saved with host_decode {state['host_decode']}, not {host_decode}")
-    share = resolve_host_decode(state["host_decode"] if state else host_decode, device, batch_size, num_threads)
-    parts = 2 if share == 0.5 else 1
-    threads = num_threads or (cores_per_rank() if share else kw["num_threads"])
-    nvjpeg_threads = max(1, min(6, threads // 2))
-    part_threads = [nvjpeg_threads, max(1, threads - nvjpeg_threads)] if parts == 2 else [threads]
 
-    def make(part, checkpoint):
-        return train_pipeline(shards, device, rank * parts + part, world * parts, pca["mean"], pca["std"],
-                              pca["eigval"], pca["eigvec"], lighting=lighting, crop=crop, dtype=DTYPES[dtype][0],
+    def make(checkpoint):
+        return train_pipeline(shards, device, rank, world, pca["mean"], pca["std"], pca["eigval"], pca["eigvec"],
+                              lighting=lighting, crop=crop, dtype=DTYPES[dtype][0],
                               layout="HWC" if channels_last else "CHW", initial_fill=initial_fill,
-                              shuffle_seed=seed, hw_decoder_load=hw_decoder_load, host_decode=share == 1 or part == 1,
-                              batch_size=batch_size // parts, seed=seed * 100_003 + rank * parts + part,
-                              prefetch_queue_depth=prefetch, checkpoint=checkpoint,
-                              **{**kw, "num_threads": part_threads[part]})
+                              shuffle_seed=seed, hw_decoder_load=hw_decoder_load, batch_size=batch_size,
+                              seed=seed * 100_003 + rank, prefetch_queue_depth=prefetch, checkpoint=checkpoint, **kw)
 
     n = sum(s["count"] for s in shards)
-    return DaliLoader(make, n, batch_size, rank, world, True, DTYPES[dtype][1], channels_last, state, parts, share)
+    return DaliLoader(make, n, batch_size, rank, world, True, DTYPES[dtype][1], channels_last, state)
 
 
 def eval_loader(out, batch_size: int = 256, *, split: str = "val", ten_crop: bool = False, full_image: bool = False,
@@ -247,7 +196,7 @@ def eval_loader(out, batch_size: int = 256, *, split: str = "val", ten_crop: boo
                                                         num_threads, verify)
     norm = normalize or pca
 
-    def make(_, checkpoint):
+    def make(checkpoint):
         return eval_pipeline(shards, device, rank, world, norm["mean"], norm["std"], crop=crop,
                              dtype=DTYPES[dtype][0], layout="HWC" if channels_last else "CHW", ten_crop=ten_crop,
                              full_image=full_image, batch_size=batch_size, prefetch_queue_depth=prefetch,

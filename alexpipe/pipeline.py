@@ -2,10 +2,8 @@
 
 Each takes `device`: "gpu" decodes with the mixed (nvJPEG) decoder and runs every later
 op on the GPU; "cpu" is the same graph with the CPU decoder, for machines without a GPU
-and for CI (build such pipelines with device_id=None). The train graph can instead decode
-on the host (`host_decode`): libjpeg-turbo on the CPU threads, then the rest on `device`;
-on "cpu" that is the same graph without the copy to the GPU. The PyTorch-facing iterators
-live in loader.py; this module knows nothing of torch.
+and for CI (build such pipelines with device_id=None). The PyTorch-facing iterators live
+in loader.py; this module knows nothing of torch.
 """
 
 from __future__ import annotations
@@ -87,16 +85,9 @@ def normalize(images, mean, std, crop: int, dtype, layout: str, **position):
 def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: int, mean, std, eigval, eigvec,
                    lighting: float = 0.1, crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW",
                    initial_fill: int = 4096, shuffle_seed: int = 0, hw_decoder_load: float = 0.65,
-                   host_decode: bool = False, with_params: bool = False):
+                   with_params: bool = False):
     """AlexNet's training augmentation: a random crop x crop window at a uniformly random
     position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
-
-    host_decode: decode only the crop window, on the CPU threads (libjpeg-turbo skips the
-    rows outside it and transforms only its columns: 13.0k vs 9.3k images/s on 16 cores of an
-    H100 host, measured), then copy the 224x224 window to `device`. Its pixels are those of
-    the full decode (tested equal); it takes no GPU time but the copy and the normalization,
-    so it can run beside the model where nvJPEG's many small per-image steps wait behind
-    the model's kernels (see loader.train_loader).
 
     Order: the shard order is reshuffled every epoch (same seed on every rank, so ranks
     read disjoint ranges of one global order) and samples are mixed in a buffer of
@@ -109,18 +100,13 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
     jpegs, cls = read_shards(shards, ["jpg", "cls"], shard_id, num_shards, random_shuffle=True,
                              initial_fill=initial_fill, shuffle_after_epoch=True,
                              shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True)
+    extra = {"hw_decoder_load": hw_decoder_load} if device == "gpu" else {}
+    images = decode(jpegs, device, **extra)
     pos_x = fn.random.uniform(range=(0.0, 1.0))
     pos_y = fn.random.uniform(range=(0.0, 1.0))
     mirror = fn.random.coin_flip(probability=0.5)
     mean_s, alpha = lighting_mean(mean, eigval, eigvec, lighting)
-    if host_decode:
-        window = fn.decoders.image_crop(jpegs, device="cpu", output_type=types.RGB, crop=(crop, crop),
-                                        crop_pos_x=pos_x, crop_pos_y=pos_y)
-        window = window.gpu() if device == "gpu" else window
-        out = normalize(window, mean_s, std, crop, dtype, layout, mirror=mirror)  # already crop x crop
-    else:
-        images = decode(jpegs, device, **({"hw_decoder_load": hw_decoder_load} if device == "gpu" else {}))
-        out = normalize(images, mean_s, std, crop, dtype, layout, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
+    out = normalize(images, mean_s, std, crop, dtype, layout, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
     labels = label_bytes(cls, device)
     if with_params:
         return out, labels, pos_x, pos_y, mirror, alpha, fn.get_property(jpegs, key="source_info")

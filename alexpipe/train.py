@@ -67,7 +67,6 @@ class TrainConfig:
     compile: bool = True
     seed: int = 0
     workers: int | None = None  # DALI threads per rank
-    host_decode: float | None = None  # share of each batch decoded on the CPU: 0, 0.5, 1 (None: loader's default)
     run_dir: Path | None = None  # default OUT/runs/<arch>
     resume: Path | None = None
     deterministic: bool = False
@@ -275,7 +274,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     loader_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.precision]
     lkw = dict(device=device, rank=d.rank, world_size=d.world, dtype=loader_dtype, channels_last=cfg.channels_last,
                num_threads=cfg.workers)
-    train_data = train_loader(cfg.out, per_rank, seed=cfg.seed, lighting=cfg.lighting, host_decode=cfg.host_decode,
+    train_data = train_loader(cfg.out, per_rank, seed=cfg.seed, lighting=cfg.lighting,
                               state=ckpt["loader"][d.rank] if ckpt else None, **lkw)
     val_data = eval_loader(cfg.out, per_rank, **lkw)
     scale = cfg.batch_size / BASE_BATCH
@@ -309,7 +308,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                   f"fraction {pca.get('fraction')}", flush=True)
         print(f"{cfg.arch} AlexNet, {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes; "
               f"{d.world} rank(s) x {per_rank} = batch {cfg.batch_size}, peak lr {schedule.peak_lr:g}, "
-              f"{len(train_data)} steps/epoch, host decode {train_data.host_decode:g}; run dir {run_dir}", flush=True)
+              f"{len(train_data)} steps/epoch; run dir {run_dir}", flush=True)
     for epoch in range(start, cfg.epochs):
         m = train_epoch(step_model, train_data, optimizer, schedule, scaler, amp_dtype, epoch, cfg.log_every, d.main)
         v = evaluate(model, val_data, amp_dtype, num_classes)  # uncompiled, per rank: no DDP sync, no recompiles
@@ -362,9 +361,6 @@ def parse_args(argv) -> TrainConfig:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (cuda only anyway)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=None, help="DALI threads per rank")
-    p.add_argument("--host-decode", type=float, default=None, choices=[0, 0.5, 1],
-                   help="share of each train batch decoded by the CPU cores beside nvJPEG; default: 0.5 with "
-                        "12+ cores per rank on a GPU, else 0; 1 on the CPU")
     p.add_argument("--run-dir", type=Path, default=None, help="default: OUT/runs/<arch>")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
     p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms (for exact resume tests)")

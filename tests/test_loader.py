@@ -16,7 +16,7 @@ from nvidia.dali import types
 from PIL import Image
 
 from alexpipe import pca as pca_mod
-from alexpipe.loader import eval_loader, load_pca, parse_labels, resolve_host_decode, train_loader
+from alexpipe.loader import eval_loader, load_pca, parse_labels, train_loader
 from alexpipe.pipeline import train_pipeline
 from alexpipe.util import UserError, load_manifest, split_shards
 
@@ -78,11 +78,8 @@ def run_train_params(out: Path, batches: int, batch_size: int = 16, seed: int = 
     return p, rows
 
 
-@pytest.mark.parametrize("host_decode", [False, True])
-def test_train_pixels_equal_the_papers_transform(real_ready, host_decode):
-    """Both graphs: the full decode cropped by crop_mirror_normalize (the nvJPEG path's twin)
-    and the decode of the crop window alone (host_decode)."""
-    p, rows = run_train_params(real_ready, batches=3, host_decode=host_decode)
+def test_train_pixels_equal_the_papers_transform(real_ready):
+    p, rows = run_train_params(real_ready, batches=3)
     flips = 0
     for r in rows:
         img = read_jpeg(r["src"])
@@ -91,7 +88,7 @@ def test_train_pixels_equal_the_papers_transform(real_ready, host_decode):
         np.testing.assert_allclose(r["x"], ref, atol=2e-4)
         flips += r["mirror"]
     assert 0 < flips < len(rows)
-    _, half = run_train_params(real_ready, batches=1, dtype=types.FLOAT16, host_decode=host_decode)
+    _, half = run_train_params(real_ready, batches=1, dtype=types.FLOAT16)
     for r in half:
         ref = reference_train(read_jpeg(r["src"]), r["px"], r["py"], r["mirror"], r["alpha"], p)
         np.testing.assert_allclose(r["x"].astype(np.float64), ref, atol=4e-3)  # fp16 rounding at |x| < 4
@@ -201,12 +198,11 @@ def test_center_crop_and_layouts(real_ready):
     assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), images[:4].float(), atol=0.03)
 
 
-@pytest.mark.parametrize("world,host_decode", [(1, 0), (2, 1), (3, 0.5), (1, 0.5)])
-def test_every_sample_once_per_epoch_across_ranks(real_ready, world, host_decode):
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_sample_once_per_epoch_across_ranks(real_ready, world):
     """Val (50 images, one per class: the label names the sample): each exactly once over all
     ranks, last batches partial. Train (500): the same number of batches on every rank, no
-    sample twice in an epoch, fewer than world*batch samples left out; with host_decode 0.5
-    each batch is two pipelines' halves, still of distinct samples."""
+    sample twice in an epoch, fewer than world*batch samples left out."""
     val = Counter()
     for r in range(world):
         for _, labels in eval_loader(real_ready, batch_size=8, device="cpu", rank=r, world_size=world):
@@ -214,8 +210,7 @@ def test_every_sample_once_per_epoch_across_ranks(real_ready, world, host_decode
     assert sum(val.values()) == 50 and set(val.values()) == {1}
     lengths, train = set(), Counter()
     for r in range(world):
-        loader = train_loader(real_ready, batch_size=32, device="cpu", rank=r, world_size=world, seed=1,
-                              host_decode=host_decode)
+        loader = train_loader(real_ready, batch_size=32, device="cpu", rank=r, world_size=world, seed=1)
         lengths.add(len(loader))
         n = 0
         for _, labels in loader:
@@ -257,11 +252,9 @@ def same(a, b):
     return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("host_decode", [1, 0.5])
-def test_deterministic_and_resumable(synth_ready, host_decode):
+def test_deterministic_and_resumable(synth_ready):
     def make(state=None, seed=0):
-        return train_loader(synth_ready, batch_size=8, device="cpu", seed=seed, state=state,
-                            host_decode=None if state else host_decode)
+        return train_loader(synth_ready, batch_size=8, device="cpu", seed=seed, state=state)
     straight = make()
     epochs = [labels_of(straight) for _ in range(3)]
     assert same(labels_of(make()), epochs[0])
@@ -311,20 +304,3 @@ def test_errors_name_what_is_wrong(synth_ready, tmp_path):
         train_loader(out, batch_size=4, device="cpu")
     with pytest.raises(UserError, match="batch size 64 x 1 ranks is more than"):
         train_loader(synth_ready, batch_size=64, device="cpu")
-    with pytest.raises(UserError, match="host_decode 0.5 splits each batch in two halves: batch size 7 is odd"):
-        train_loader(synth_ready, batch_size=7, device="cpu", host_decode=0.5)
-    with pytest.raises(UserError, match="host_decode must be 0, 0.5 or 1, got 0.3"):
-        train_loader(synth_ready, batch_size=8, device="cpu", host_decode=0.3)
-    state = train_loader(synth_ready, batch_size=8, device="cpu", host_decode=0.5).state_dict()
-    with pytest.raises(UserError, match="loader state saved with host_decode 0.5, not 1"):
-        train_loader(synth_ready, batch_size=8, device="cpu", host_decode=1, state=state)
-
-
-def test_host_decode_default():
-    """On a GPU: half the batch on the host with 12+ cores per rank and an even batch; none
-    with fewer cores; the CPU decodes everything on the host."""
-    assert resolve_host_decode(None, "gpu", 256, 16) == 0.5
-    assert resolve_host_decode(None, "gpu", 255, 16) == 0.0
-    assert resolve_host_decode(None, "gpu", 256, 8) == 0.0
-    assert resolve_host_decode(None, "cpu", 256, 2) == 1.0
-    assert resolve_host_decode(0, "gpu", 256, 16) == 0.0

@@ -3,13 +3,12 @@
 On the same shards (the real ImageNet sample prepared at 256 px q90, each image --repeat
 times), in one run:
   (a) alexpipe train_loader: read, mixed decode, random crop, flip, PCA lighting,
-      normalize, fp16 channels_last torch batches on the GPU (host_decode 0: nvJPEG only);
+      normalize, fp16 channels_last torch batches on the GPU;
   (b) DALI read + mixed decode only (the ceiling for (a));
   (c) webdataset + PIL + torchvision transforms in a DataLoader with all cores.
 First a sweep of (a) and (b) over DALI threads, hardware-decoder load, batch size and
 prefetch depth (median of --repeats), then (c), then the chosen default against the
-sweep's best, and the loader with half or all of each batch decoded on the host CPU
-(host_decode 0.5, the training default with 12+ cores, and 1). Without a GPU it runs the same on CPU at toy size (a smoke test).
+sweep's best. Without a GPU it runs the same on CPU at toy size (a smoke test).
 
   python tools/bench_loader.py [--repeat 60] [--batches 60] [--quick]
 """
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
 
         def measure(t, load, b, pf):
             a = median_of(lambda: loader_rate(out, args.batches, batch_size=b, num_threads=t,
-                                              hw_decoder_load=load, prefetch=pf, host_decode=0), args.repeats)
+                                              hw_decoder_load=load, prefetch=pf), args.repeats)
             c = median_of(lambda: ceiling_rate(out, args.batches, b, t, load, pf), args.repeats)
             results[(t, load, b, pf)] = (a, c)
             print(f"{t:>7} {load:>7} {b:>5} {pf:>8} {a:>11.0f} {c:>11.0f} {a / c:>5.2f}", flush=True)
@@ -157,10 +156,6 @@ def main(argv=None) -> int:
         default = (8, 0.65, 256, 2)
         if default in results and default != best:
             print(f"default (threads=8, hw_decoder_load=0.65, batch 256, prefetch 2): {results[default][0]:.0f} images/s")
-        for share in (0.5, 1):
-            rate = median_of(lambda: loader_rate(out, args.batches, batch_size=256, num_threads=cores,
-                                                 host_decode=share), args.repeats)
-            print(f"host_decode {share} ({cores} threads): {rate:.0f} images/s")
     return 0
 
 

@@ -2,9 +2,7 @@
 
 For each arch (paper, torchvision), with the same compiled model, bf16 autocast,
 channels_last, SGD, batch --batch-size, in one run:
-  (a) the alexpipe DALI train loader end to end (read, decode, crop, flip, lighting), with
-      its default host_decode (half of each batch decoded on the CPU cores with 12+ of
-      them), and also with nvJPEG alone (host_decode 0);
+  (a) the alexpipe DALI train loader end to end (read, decode, crop, flip, lighting);
   (b) synthetic GPU-resident tensors: the model-bound ceiling;
   (c) webdataset + PIL + torchvision transforms in a DataLoader with all cores.
 Prints images/s, (a)/(b), (a)/(c), and the projected time of 90 ImageNet epochs on 1 GPU
@@ -77,11 +75,6 @@ def main(argv=None) -> int:
             synthetic = rate(compiled, opt, itertools.repeat((x, y)), args.steps, warmup=30)  # warmup compiles
             loader = train_loader(out, b, device="gpu", dtype="bfloat16", verify=False)
             ours = rate(compiled, opt, (v for _ in itertools.count() for v in loader), args.steps, warmup=10)
-            default = loader.host_decode
-            del loader
-            gpu_only = train_loader(out, b, device="gpu", dtype="bfloat16", verify=False, host_decode=0)
-            nvjpeg = rate(compiled, opt, (v for _ in itertools.count() for v in gpu_only), args.steps, warmup=10)
-            del gpu_only
 
             def tv_batches():
                 for images, labels in torchvision_loader(out, b, cores):
@@ -89,8 +82,7 @@ def main(argv=None) -> int:
                            labels.to(dev, non_blocking=True))
             baseline = rate(compiled, opt, tv_batches(), max(20, args.steps // 5), warmup=4)
             print(f"\n{arch} AlexNet")
-            print(f"  (a) alexpipe loader end to end         {ours:8.0f} images/s   (host_decode {default:g})")
-            print(f"      the same, nvJPEG only              {nvjpeg:8.0f} images/s   (host_decode 0)")
+            print(f"  (a) alexpipe loader end to end         {ours:8.0f} images/s")
             print(f"  (b) synthetic GPU tensors (ceiling)    {synthetic:8.0f} images/s   (a)/(b) = {ours / synthetic:.2f}")
             print(f"  (c) webdataset+PIL+torchvision, {cores:2d} workers {baseline:7.0f} images/s   "
                   f"(a)/(c) = {ours / baseline:.1f}")
