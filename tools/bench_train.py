@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from alexpipe.loader import train_loader
+from alexpipe.loader import CUDA_QUEUES, train_loader, use_more_cuda_queues
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
 from bench_loader import torchvision_loader
@@ -55,7 +55,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--archs", default="torchvision,paper")
+    p.add_argument("--cuda-queues", type=int, default=CUDA_QUEUES,
+                   help="CUDA_DEVICE_MAX_CONNECTIONS (CUDA's default: 8)")
     args = p.parse_args(argv)
+    use_more_cuda_queues(args.cuda_queues)  # before CUDA starts; as alexpipe-train does
     if not torch.cuda.is_available():
         sys.exit("bench_train: needs a CUDA GPU")
     cores = len(os.sched_getaffinity(0))
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
         out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
         b = args.batch_size
         print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; batch {b}, bf16 autocast, channels_last, "
-              f"torch.compile, SGD; {args.steps} timed steps after warmup")
+              f"torch.compile, SGD; {args.steps} timed steps after warmup; "
+              f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset (8)')}")
         for arch in args.archs.split(","):
             torch.manual_seed(0)
             model = alexnet(arch).to(dev, memory_format=torch.channels_last)
