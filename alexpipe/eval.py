@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from . import dist
-from .loader import eval_loader, use_more_cuda_queues
+from .loader import eval_loader
 from .model import load_for_eval
 from .pipeline import TEN_CROPS
 from .prepare import load_resized
@@ -254,7 +254,6 @@ def parse_args(argv) -> EvalConfig:
 
 
 def _main(argv) -> int:
-    use_more_cuda_queues()  # before anything starts CUDA
     cfg = parse_args(argv)
     try:
         r = run_eval(cfg)

@@ -1,10 +1,12 @@
 """The PyTorch side of the loader: DALI graphs (pipeline.py) as iterables of torch batches,
 usable from any training loop:
 
-    from alexpipe.loader import train_loader, eval_loader, use_more_cuda_queues
-    use_more_cuda_queues()    # first, before CUDA starts: the loader's work overlaps the model's
+    from alexpipe.loader import train_loader, eval_loader
     for images, labels in train_loader("OUT", batch_size=256):   # one epoch per loop
         ...
+
+On a GPU, start the process with CUDA_DEVICE_MAX_CONNECTIONS=32 in its environment (see
+cuda_queues_note).
 
 Epochs are defined, not inferred. Rank r of W reads a range of N*(r+1)//W - N*r//W
 samples of the split (for training, of its per-epoch reshuffled order; DALI pads every
@@ -82,19 +84,24 @@ def parse_labels(padded: torch.Tensor) -> torch.Tensor:
 CUDA_QUEUES = 32
 
 
-def use_more_cuda_queues(n: int = CUDA_QUEUES) -> bool:
-    """Let up to n CUDA streams have their own hardware work queue (CUDA_DEVICE_MAX_CONNECTIONS,
-    CUDA's default 8), so that DALI's streams do not share one with the model's stream and
-    wait behind its kernels in it. nvJPEG's many small per-image steps (bitstream copies,
-    3-5 us kernels, host syncs) are what suffer: on an H100 with 16 cores, paper AlexNet fed
-    by the loader ran at 12.7-13.2k images/s with 8 queues and 16.4-18.0k with 32, the model
-    alone at 20.5k either way (measured). CUDA reads the variable when the process creates
-    its context, so call this first: returns False if torch has already initialised CUDA.
-    A value already in the environment is kept."""
-    if torch.cuda.is_initialized():
-        return False
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", str(n))
-    return True
+def cuda_queues_note() -> str | None:
+    """A note when this process runs with fewer than CUDA_QUEUES hardware work queues
+    (CUDA_DEVICE_MAX_CONNECTIONS, CUDA's default 8), else None.
+
+    With 8, DALI's streams share queues with the model's and nvJPEG's many small per-image
+    steps (bitstream copies, 3-5 us kernels) wait behind the model's kernels: paper AlexNet
+    fed by the loader on an H100 ran at 12.7-14.1k images/s with 8 (four processes) and
+    16.4-18.0k with 32 (three; bench_train 13.8k vs 16.7k), the model alone at 20.1k either
+    way; torchvision's AlexNet showed no difference beyond its run-to-run noise (13.6-19.0k
+    either way). The variable must be in the environment when the process starts: set from
+    Python after start-up it changed nothing (measured), so it is the launcher's to export,
+    not this library's to set."""
+    value = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if value and value.isdigit() and int(value) >= CUDA_QUEUES:
+        return None
+    return (f"note: CUDA_DEVICE_MAX_CONNECTIONS={value or 'unset (8)'}; export CUDA_DEVICE_MAX_CONNECTIONS="
+            f"{CUDA_QUEUES} before starting for the loader to overlap the model (paper AlexNet on an H100: "
+            f"13.8k -> 16.7k images/s)")
 
 
 def range_sizes(n: int, world: int) -> list[int]:

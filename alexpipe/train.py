@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import dist
 from .eval import evaluate
-from .loader import eval_loader, load_pca, train_loader, use_more_cuda_queues
+from .loader import cuda_queues_note, eval_loader, load_pca, train_loader
 from .model import ARCHS, alexnet
 from .util import (UserError, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
                    run_main, sha256_file, write_json)
@@ -378,10 +378,11 @@ def parse_args(argv) -> TrainConfig:
 
 
 def _main(argv) -> int:
-    use_more_cuda_queues()  # before anything starts CUDA
     cfg = parse_args(argv)
     if int(os.environ.get("RANK", "0")) == 0:
         print_config("alexpipe-train", cfg)
+        if cfg.device == "cuda" and (note := cuda_queues_note()):
+            print(note, flush=True)
     try:
         train(cfg)
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ from nvidia.dali import types
 from PIL import Image
 
 from alexpipe import pca as pca_mod
-from alexpipe.loader import eval_loader, load_pca, parse_labels, train_loader, use_more_cuda_queues
+from alexpipe.loader import cuda_queues_note, eval_loader, load_pca, parse_labels, train_loader
 from alexpipe.pipeline import train_pipeline
 from alexpipe.util import UserError, load_manifest, split_shards
 
@@ -307,13 +306,11 @@ def test_errors_name_what_is_wrong(synth_ready, tmp_path):
         train_loader(synth_ready, batch_size=64, device="cpu")
 
 
-def test_more_cuda_queues_only_before_cuda_starts(monkeypatch):
-    """32 hardware queues unless the user chose a value; nothing once CUDA is initialised
-    (the driver has read the variable by then)."""
+def test_cuda_queues_note(monkeypatch):
+    """A note, naming the value, unless the process has 32 or more hardware queues."""
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
-    assert use_more_cuda_queues() and os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "4")
-    assert use_more_cuda_queues() and os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "4"
-    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    assert not use_more_cuda_queues() and "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=unset (8); export CUDA_DEVICE_MAX_CONNECTIONS=32" in cuda_queues_note()
+    for value, note in [("8", True), ("x", True), ("32", False), ("64", False)]:
+        monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", value)
+        assert (cuda_queues_note() is not None) == note
+        assert not note or f"CUDA_DEVICE_MAX_CONNECTIONS={value};" in cuda_queues_note()

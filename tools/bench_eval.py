@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from alexpipe.eval import crop_probabilities, evaluate
-from alexpipe.loader import CUDA_QUEUES, eval_loader, load_pca, use_more_cuda_queues
+from alexpipe.loader import eval_loader, load_pca
 from alexpipe.model import alexnet
 from alexpipe.util import load_manifest
 from bench_prepare import DEFAULT_SRC, sample_shards
@@ -56,10 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--src", type=Path, default=DEFAULT_SRC)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64, help="images (x10 crops) per batch")
-    p.add_argument("--cuda-queues", type=int, default=CUDA_QUEUES,
-                   help="CUDA_DEVICE_MAX_CONNECTIONS (CUDA's default: 8)")
     args = p.parse_args(argv)
-    use_more_cuda_queues(args.cuda_queues)  # before CUDA starts; as alexpipe-train does
     if not torch.cuda.is_available():
         sys.exit("bench_eval: needs a CUDA GPU")
     cores = len(os.sched_getaffinity(0))

@@ -32,7 +32,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from alexpipe import dist
-from alexpipe.loader import CUDA_QUEUES, train_loader, use_more_cuda_queues
+from alexpipe.loader import train_loader
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
 from bench_prepare import DEFAULT_SRC, sample_shards
@@ -142,10 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=60)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--cuda-queues", type=int, default=CUDA_QUEUES,
-                   help="CUDA_DEVICE_MAX_CONNECTIONS (CUDA's default: 8)")
     args = p.parse_args(argv)
-    use_more_cuda_queues(args.cuda_queues)  # before CUDA starts; as alexpipe-train does
     if args.worker:
         worker(args)
         return 0
