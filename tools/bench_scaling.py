@@ -1,6 +1,8 @@
 """Multi-GPU scaling of AlexNet training: images/s on 1..N GPUs of one host, under torchrun.
 
-    python tools/bench_scaling.py [--gpus 1,2,4,8] [--archs torchvision,paper] [--out OUT]
+    CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_scaling.py [--gpus 1,2,4,8] [--out OUT] ...
+
+(torchrun passes the variable on to every rank; see README, Training.)
 
 The driver (this script without torchrun's environment) prepares shards once (the real
 sample, each image --repeat times, with pca.json), then for each N runs
