@@ -4,7 +4,7 @@
 # Each stage is the console script a user runs on real ImageNet; only sizes differ. The
 # sample's classes are named by shape (4 labels), so a CPU learns them in ~2 minutes.
 set -euo pipefail
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader overlaps the model (README: Speed)
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader overlaps the model (README: alexpipe-train)
 dir=${1:-demo}
 rm -rf "$dir"
 set -x

@@ -5,7 +5,7 @@
 # class). The train split holds every image REPEAT times (each copy gets its own random
 # crops), val each image once, in wnid class folders, so val top-1 is the train accuracy.
 set -euo pipefail
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader overlaps the model (README: Speed)
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader overlaps the model (README: alexpipe-train)
 src=$1; work=$2; repeat=${3:-40}; epochs=${4:-25}
 rm -rf "$work"
 python3 - "$src" "$work/src" "$repeat" <<'PY'
