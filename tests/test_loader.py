@@ -198,11 +198,11 @@ def test_center_crop_and_layouts(real_ready):
     assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), images[:4].float(), atol=0.03)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_every_sample_once_per_epoch_across_ranks(real_ready, world):
+@pytest.mark.parametrize("world,pipelines", [(1, 1), (1, 2), (2, 2), (3, 3)])
+def test_every_sample_once_per_epoch_across_ranks(real_ready, world, pipelines):
     """Val (50 images, one per class: the label names the sample): each exactly once over all
-    ranks, last batches partial. Train (500): the same number of batches on every rank, no
-    sample twice in an epoch, fewer than world*batch samples left out."""
+    ranks, last batches partial. Train (500), each rank with its pipelines: the same number of
+    batches on every rank, no sample twice in an epoch, fewer than world*pipelines*batch left out."""
     val = Counter()
     for r in range(world):
         for _, labels in eval_loader(real_ready, batch_size=8, device="cpu", rank=r, world_size=world):
@@ -210,7 +210,8 @@ def test_every_sample_once_per_epoch_across_ranks(real_ready, world):
     assert sum(val.values()) == 50 and set(val.values()) == {1}
     lengths, train = set(), Counter()
     for r in range(world):
-        loader = train_loader(real_ready, batch_size=32, device="cpu", rank=r, world_size=world, seed=1)
+        loader = train_loader(real_ready, batch_size=32, device="cpu", rank=r, world_size=world, seed=1,
+                              pipelines=pipelines)
         lengths.add(len(loader))
         n = 0
         for _, labels in loader:
@@ -219,7 +220,7 @@ def test_every_sample_once_per_epoch_across_ranks(real_ready, world):
             n += 1
         assert n == len(loader)
     assert len(lengths) == 1 and set(train.values()) == {1}
-    assert 500 - world * 32 < sum(train.values()) <= 500
+    assert 500 - world * pipelines * 32 < sum(train.values()) <= 500
 
 
 def test_uneven_ranges_stay_aligned_over_epochs(synth_ready, real_ready):
@@ -266,12 +267,14 @@ def test_deterministic_and_resumable(synth_ready):
     resumed = make(state=first.state_dict())
     assert resumed.epoch == 1
     assert same(labels_of(resumed), epochs[1]) and same(labels_of(resumed), epochs[2])
-    # mid-epoch: two batches into epoch 0
+    # mid-epoch: three batches into epoch 0, so the two pipelines stand at different batches
     mid = make()
     it = iter(mid)
-    next(it), next(it)
+    next(it), next(it), next(it)
     rest = make(state=mid.state_dict())
-    assert same(labels_of(rest), epochs[0][2:]) and same(labels_of(rest), epochs[1])
+    assert same(labels_of(rest), epochs[0][3:]) and same(labels_of(rest), epochs[1])
+    with pytest.raises(UserError, match="loader state is for 2 pipelines per rank, not 1"):
+        train_loader(synth_ready, batch_size=8, device="cpu", pipelines=1, state=mid.state_dict())
 
 
 def test_errors_name_what_is_wrong(synth_ready, tmp_path):
@@ -302,8 +305,10 @@ def test_errors_name_what_is_wrong(synth_ready, tmp_path):
     shard.write_bytes(bytes(broken))
     with pytest.raises(UserError, match=f"{shard}: sample {first[3].split('.')[0]} does not decode"):
         train_loader(out, batch_size=4, device="cpu")
-    with pytest.raises(UserError, match="batch size 64 x 1 ranks is more than"):
+    with pytest.raises(UserError, match=r"batch size 64 x 2 reader shards \(1 ranks x 2 pipelines\) is more than"):
         train_loader(synth_ready, batch_size=64, device="cpu")
+    with pytest.raises(UserError, match="pipelines must be >= 1, got 0"):
+        train_loader(synth_ready, batch_size=4, device="cpu", pipelines=0)
 
 
 def test_cuda_queues_note(monkeypatch):

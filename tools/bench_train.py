@@ -2,11 +2,12 @@
 
 For each arch (paper, torchvision), with the same compiled model, bf16 autocast,
 channels_last, SGD, batch --batch-size, in one run:
-  (a) the alexpipe DALI train loader end to end (read, decode, crop, flip, lighting);
+  (a) the alexpipe DALI train loader end to end (read, decode, crop, flip, lighting), with
+      each --pipelines count per GPU (default 1 and 2: before and after the second pipeline);
   (b) synthetic GPU-resident tensors: the model-bound ceiling;
   (c) webdataset + PIL + torchvision transforms in a DataLoader with all cores.
 Prints images/s, (a)/(b), (a)/(c), and the projected time of 90 ImageNet epochs on 1 GPU
-and on 8 (a projection at 0.9 scaling efficiency, not a measurement).
+and on 8 from the last (a) (a projection at 0.9 scaling efficiency, not a measurement).
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_train.py [--out OUT_WITH_SHARDS_AND_PCA] [--steps 150]
 
@@ -51,9 +52,12 @@ def rate(model, opt, batches, steps: int, warmup: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def endless(loader):
+    return (batch for _ in itertools.count() for batch in loader)
+
+
 def median_rate(model, opt, batches, steps: int, repeats: int) -> float:
-    """The median of `repeats` timings: single runs of the loader-fed model on an H100
-    varied by up to 30% (measured), the synthetic ones by < 1%."""
+    """The median of `repeats` timings (of the synthetic runs, which vary by < 1%)."""
     return statistics.median(rate(model, opt, batches, steps, warmup=10) for _ in range(repeats))
 
 
@@ -66,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=3, help="timings of (a) and (b), median reported")
     p.add_argument("--archs", default="torchvision,paper")
+    p.add_argument("--pipelines", default="1,2", help="DALI pipelines per GPU for (a), each timed --repeats times")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_train: needs a CUDA GPU")
@@ -86,8 +91,17 @@ def main(argv=None) -> int:
             y = torch.randint(0, 1000, (b,), device=dev)
             rate(compiled, opt, itertools.repeat((x, y)), 1, warmup=30)  # compiles
             synthetic = median_rate(compiled, opt, itertools.repeat((x, y)), args.steps, args.repeats)
-            loader = train_loader(out, b, device="gpu", dtype="bfloat16", verify=False)
-            ours = median_rate(compiled, opt, (v for _ in itertools.count() for v in loader), args.steps, args.repeats)
+            # one loader per count, timed in interleaved rounds, so drift over the run (single
+            # loader-fed timings on an H100 varied by up to 30%) hits every count alike
+            counts = [int(c) for c in args.pipelines.split(",")]
+            streams = {c: endless(train_loader(out, b, device="gpu", dtype="bfloat16", verify=False, pipelines=c))
+                       for c in counts}
+            timings = {c: [] for c in counts}
+            for _ in range(args.repeats):
+                for c, stream in streams.items():
+                    timings[c].append(rate(compiled, opt, stream, args.steps, warmup=10))
+            ours = {c: statistics.median(t) for c, t in timings.items()}
+            del streams
 
             def tv_batches():
                 for images, labels in torchvision_loader(out, b, cores):
@@ -97,11 +111,13 @@ def main(argv=None) -> int:
             baseline = rate(compiled, opt, tv, max(20, args.steps // 5), warmup=4)
             tv.close()  # shuts its worker processes down before the next measurement
             print(f"\n{arch} AlexNet")
-            print(f"  (a) alexpipe loader end to end         {ours:8.0f} images/s")
-            print(f"  (b) synthetic GPU tensors (ceiling)    {synthetic:8.0f} images/s   (a)/(b) = {ours / synthetic:.2f}")
-            print(f"  (c) webdataset+PIL+torchvision, {cores:2d} workers {baseline:7.0f} images/s   "
-                  f"(a)/(c) = {ours / baseline:.1f}")
-            h1 = 90 * IMAGENET_TRAIN / ours / 3600
+            for pipelines, a in ours.items():
+                print(f"  (a) alexpipe loader, {pipelines} pipeline{'s' if pipelines > 1 else ' '}        {a:8.0f} images/s   "
+                      f"(a)/(b) = {a / synthetic:.2f}   (a)/(c) = {a / baseline:.1f}   "
+                      f"(timings {min(timings[pipelines]):.0f}-{max(timings[pipelines]):.0f})")
+            print(f"  (b) synthetic GPU tensors (ceiling)    {synthetic:8.0f} images/s")
+            print(f"  (c) webdataset+PIL+torchvision, {cores:2d} workers {baseline:7.0f} images/s")
+            h1 = 90 * IMAGENET_TRAIN / a / 3600
             print(f"  projected 90 ImageNet epochs: {h1:.2f} h on 1 GPU; {h1 / 8 / 0.9:.2f} h on 8 "
                   f"(projection, assuming 0.9 scaling efficiency)")
     return 0
