@@ -116,16 +116,19 @@ class DaliLoader:
     images: (B, 3, H, W) or, for ten-crop, (B, 10, 3, H, W), on the pipelines' device, in
     `dtype`, channels_last memory if asked; labels: (B,) int64.
 
-    With `pipelines` P > 1 the rank's range is read by P pipelines, each a reader shard of
-    its own (shard rank*P + p of world*P, which together cover exactly the rank's range), and
-    batches come from them in turn. Each pipeline has its own decoder, so P batches decode
-    at once: nvJPEG's per-image steps wait behind the model's kernels, and more of them in
-    flight hide that wait (measured on an H100, CUDA_DEVICE_MAX_CONNECTIONS=32, 8 threads per
-    pipeline: paper AlexNet 16.9k -> 18.6k images/s with 2 pipelines (0.82 -> 0.91 of the
-    model alone), torchvision's 19.7k -> 22.7k; the loader alone 22.6k -> 32.3k)."""
+    With `pipelines` P > 1 (training only) the rank reads P reader shards of world*P, one per
+    pipeline (in the first epoch shards rank*P + p, i.e. exactly the rank's range; DALI moves
+    every reader to the next shard each epoch), and batches come from them in turn. Each
+    pipeline has its own decoder, so P batches decode at once: nvJPEG's per-image steps wait
+    behind the model's kernels, and more of them in flight hide that wait (tools/bench_train.py
+    on an H100, CUDA_DEVICE_MAX_CONNECTIONS=32, 8 threads per pipeline, 1 -> 2 pipelines:
+    paper AlexNet 16.7k -> 18.5k images/s, 0.83 -> 0.92 of the model alone; torchvision's
+    18.3k -> 24.8k; the loader alone 29.0k -> 35.0k)."""
 
     def __init__(self, make_pipe, n_samples: int, batch_size: int, rank: int, world: int, drop_last: bool,
                  torch_dtype, channels_last: bool, state: dict | None = None, pipelines: int = 1):
+        if pipelines > 1 and not drop_last:
+            raise ValueError("several pipelines per rank need drop_last (every batch full)")
         shards = world * pipelines
         sizes = range_sizes(n_samples, shards)
         mine = sizes[rank * pipelines:(rank + 1) * pipelines]
@@ -138,15 +141,16 @@ class DaliLoader:
         self.length = (pipelines * min(s // batch_size for s in sizes) if drop_last
                        else math.ceil(self.rank_size / batch_size))
         if self.length == 0:
+            hint = " (lower the batch size or pass pipelines=1)" if pipelines > 1 else ""
             raise UserError(f"batch size {batch_size} x {shards} reader shards ({world} ranks x {pipelines} "
-                            f"pipelines) is more than the {n_samples} samples")
-        self.drop_last, self.torch_dtype, self.channels_last = drop_last, torch_dtype, channels_last
+                            f"pipelines) is more than the {n_samples} samples{hint}")
+        self.torch_dtype, self.channels_last = torch_dtype, channels_last
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
         checkpoints = state["dali"] if state else [None] * pipelines
         if not isinstance(checkpoints, list):  # written by a version with one pipeline per rank
             checkpoints = [checkpoints]
         if len(checkpoints) != pipelines:
-            raise UserError(f"the loader state is for {len(checkpoints)} pipelines per rank, not {pipelines}")
+            raise UserError(f"the loader state was written with pipelines={len(checkpoints)}, not pipelines={pipelines}")
         self.pipes = [make_pipe(rank * pipelines + p, shards, c) for p, c in enumerate(checkpoints)]
         for pipe in self.pipes:
             pipe.build()
@@ -273,7 +277,8 @@ def denormalize(x: torch.Tensor, pca: dict) -> np.ndarray:
 def preview(out: Path, png: Path, n: int, seed: int, device: str) -> None:
     from PIL import Image
     pca = load_pca(out)
-    train = train_loader(out, batch_size=n, device=device, seed=seed, dtype="float32", channels_last=False)
+    train = train_loader(out, batch_size=n, device=device, seed=seed, dtype="float32", channels_last=False,
+                         pipelines=1)
     images, _ = next(iter(train))
     split = "val" if "val" in load_manifest(out)["splits"] else "train"
     ten = eval_loader(out, batch_size=1, split=split, ten_crop=True, device=device, dtype="float32",

@@ -89,10 +89,11 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
     """AlexNet's training augmentation: a random crop x crop window at a uniformly random
     position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
 
-    Order: the shard order is reshuffled every epoch (same seed on every rank, so ranks
-    read disjoint ranges of one global order) and samples are mixed in a buffer of
-    `initial_fill`; prepare already shuffled the samples across all shards. DALI pads each
-    rank's range to the largest rank's and to whole batches (the iterator drops the padding).
+    Order: the shard order is reshuffled every epoch (same seed in every pipeline, so the
+    num_shards reader shards - a rank's pipelines - read disjoint ranges of one global order)
+    and samples are mixed in a buffer of `initial_fill`; prepare already shuffled the samples
+    across all shards. DALI pads each reader shard's range to the largest one's and to whole
+    batches (the iterator drops the padding).
     The window's corner is at round-half-up(pos * (size - crop)), pos ~ U(0, 1), as DALI
     places crops. With `with_params` the drawn pos_x, pos_y, flip and alpha and each
     sample's source ("tar:offset:key.jpg") are returned too, for tests and inspection.

@@ -223,18 +223,20 @@ def test_every_sample_once_per_epoch_across_ranks(real_ready, world, pipelines):
     assert 500 - world * pipelines * 32 < sum(train.values()) <= 500
 
 
-def test_uneven_ranges_stay_aligned_over_epochs(synth_ready, real_ready):
-    """DALI pads every rank's range to the largest one: a rank with a shorter range must
-    still drop exactly that padding, or a batch of one repeated sample leaks into its next
-    epoch. Val 12 over 5 ranks (ranges 2 or 3) in batches of 2, three epochs; train 500 over
-    3 ranks (166, 167, 167) in batches of 83, three epochs (the real images: one per label)."""
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_uneven_ranges_stay_aligned_over_epochs(synth_ready, real_ready, pipelines):
+    """DALI pads every reader shard's range to the largest one: a shorter range must still
+    drop exactly that padding, or a batch of one repeated sample leaks into its next epoch.
+    Val 12 over 5 ranks (ranges 2 or 3) in batches of 2, three epochs; train 500 (the real
+    images: one per label) over 3 ranks x `pipelines` in batches of 83, three epochs:
+    ranges 166/167 (one pipeline, two batches each) or 83/84 (two, one batch each)."""
     expected = Counter(l for _, y in eval_loader(synth_ready, batch_size=12, device="cpu") for l in y.tolist())
     loaders = [eval_loader(synth_ready, batch_size=2, device="cpu", rank=r, world_size=5) for r in range(5)]
     for epoch_counts in zip(*[[Counter(l for _, y in loader for l in y.tolist()) for _ in range(3)]
                               for loader in loaders]):
         assert sum(epoch_counts, Counter()) == expected and sum(expected.values()) == 12
     for r in range(3):
-        loader = train_loader(real_ready, batch_size=83, device="cpu", rank=r, world_size=3)
+        loader = train_loader(real_ready, batch_size=83, device="cpu", rank=r, world_size=3, pipelines=pipelines)
         for _ in range(3):
             batches = [y.tolist() for _, y in loader]
             assert len(batches) == 2 and all(len(set(b)) == 83 for b in batches)
@@ -254,8 +256,11 @@ def same(a, b):
 
 
 def test_deterministic_and_resumable(synth_ready):
-    def make(state=None, seed=0):
-        return train_loader(synth_ready, batch_size=8, device="cpu", seed=seed, state=state)
+    # a small shuffle buffer: restoring mid-epoch, DALI 2.4 reserves ~4 MB of heap address
+    # space per buffered sample (16 GB at the default 4096), which could stop later forks
+    def make(state=None, seed=0, pipelines=2):
+        return train_loader(synth_ready, batch_size=8, device="cpu", seed=seed, state=state, pipelines=pipelines,
+                            initial_fill=64)
     straight = make()
     epochs = [labels_of(straight) for _ in range(3)]
     assert same(labels_of(make()), epochs[0])
@@ -273,8 +278,8 @@ def test_deterministic_and_resumable(synth_ready):
     next(it), next(it), next(it)
     rest = make(state=mid.state_dict())
     assert same(labels_of(rest), epochs[0][3:]) and same(labels_of(rest), epochs[1])
-    with pytest.raises(UserError, match="loader state is for 2 pipelines per rank, not 1"):
-        train_loader(synth_ready, batch_size=8, device="cpu", pipelines=1, state=mid.state_dict())
+    with pytest.raises(UserError, match="loader state was written with pipelines=2, not pipelines=1"):
+        make(state=mid.state_dict(), pipelines=1)
 
 
 def test_errors_name_what_is_wrong(synth_ready, tmp_path):
@@ -305,7 +310,8 @@ def test_errors_name_what_is_wrong(synth_ready, tmp_path):
     shard.write_bytes(bytes(broken))
     with pytest.raises(UserError, match=f"{shard}: sample {first[3].split('.')[0]} does not decode"):
         train_loader(out, batch_size=4, device="cpu")
-    with pytest.raises(UserError, match=r"batch size 64 x 2 reader shards \(1 ranks x 2 pipelines\) is more than"):
+    with pytest.raises(UserError, match=r"batch size 64 x 2 reader shards \(1 ranks x 2 pipelines\) is more than the 48 "
+                       r"samples \(lower the batch size or pass pipelines=1\)"):
         train_loader(synth_ready, batch_size=64, device="cpu")
     with pytest.raises(UserError, match="pipelines must be >= 1, got 0"):
         train_loader(synth_ready, batch_size=4, device="cpu", pipelines=0)
