@@ -142,8 +142,8 @@ class DaliLoader:
                        else math.ceil(self.rank_size / batch_size))
         if self.length == 0:
             hint = " (lower the batch size or pass pipelines=1)" if pipelines > 1 else ""
-            raise UserError(f"batch size {batch_size} x {shards} reader shards ({world} ranks x {pipelines} "
-                            f"pipelines) is more than the {n_samples} samples{hint}")
+            raise UserError(f"batch size {batch_size} x {world} rank(s) x {pipelines} pipeline(s) is more than "
+                            f"the {n_samples} samples{hint}")
         self.torch_dtype, self.channels_last = torch_dtype, channels_last
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
         checkpoints = state["dali"] if state else [None] * pipelines
@@ -224,11 +224,14 @@ def _common(out, split, device, rank, world_size, dtype, num_threads, verify, pi
 def train_loader(out, batch_size: int = 256, *, split: str = "train", device: str = "auto", rank: int | None = None,
                  world_size: int | None = None, seed: int = 0, dtype: str = "float16", channels_last: bool = True,
                  lighting: float = 0.1, crop: int = 224, num_threads: int | None = None, initial_fill: int = 4096,
-                 prefetch: int = 2, hw_decoder_load: float = 0.65, pipelines: int = 2, verify: bool = True,
-                 state: dict | None = None) -> DaliLoader:
+                 prefetch: int = 2, hw_decoder_load: float = 0.65, pipelines: int | None = None,
+                 verify: bool = True, state: dict | None = None) -> DaliLoader:
     """AlexNet's training stream: random crop, flip, PCA lighting (alpha ~ N(0, lighting)),
     normalization with OUT/pca.json's mean and std; `pipelines` DALI pipelines per rank
-    (see DaliLoader), each with `num_threads` threads."""
+    (see DaliLoader; default 2 on a GPU, 1 on the CPU, where decoding is compute-bound and a
+    second pipeline only splits the same cores), each with `num_threads` threads."""
+    device = resolve_device(device)
+    pipelines = pipelines if pipelines is not None else (2 if device == "gpu" else 1)
     out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
                                                         num_threads, verify, pipelines)
 
@@ -278,7 +281,7 @@ def preview(out: Path, png: Path, n: int, seed: int, device: str) -> None:
     from PIL import Image
     pca = load_pca(out)
     train = train_loader(out, batch_size=n, device=device, seed=seed, dtype="float32", channels_last=False,
-                         pipelines=1)
+                         pipelines=1)  # one batch is all it shows
     images, _ = next(iter(train))
     split = "val" if "val" in load_manifest(out)["splits"] else "train"
     ten = eval_loader(out, batch_size=1, split=split, ten_crop=True, device=device, dtype="float32",

@@ -310,9 +310,11 @@ def test_errors_name_what_is_wrong(synth_ready, tmp_path):
     shard.write_bytes(bytes(broken))
     with pytest.raises(UserError, match=f"{shard}: sample {first[3].split('.')[0]} does not decode"):
         train_loader(out, batch_size=4, device="cpu")
-    with pytest.raises(UserError, match=r"batch size 64 x 2 reader shards \(1 ranks x 2 pipelines\) is more than the 48 "
-                       r"samples \(lower the batch size or pass pipelines=1\)"):
+    with pytest.raises(UserError, match=r"batch size 64 x 1 rank\(s\) x 1 pipeline\(s\) is more than the 48 samples$"):
         train_loader(synth_ready, batch_size=64, device="cpu")
+    with pytest.raises(UserError, match=r"batch size 32 x 1 rank\(s\) x 2 pipeline\(s\) is more than the 48 samples "
+                       r"\(lower the batch size or pass pipelines=1\)"):
+        train_loader(synth_ready, batch_size=32, device="cpu", pipelines=2)
     with pytest.raises(UserError, match="pipelines must be >= 1, got 0"):
         train_loader(synth_ready, batch_size=4, device="cpu", pipelines=0)
 

@@ -122,10 +122,11 @@ def run_cli(out, run, *extra) -> int:
 
 
 def test_resume_continues_exactly(small_out, tmp_path):
-    assert run_cli(small_out, tmp_path / "straight", "--epochs", "2") == 0
-    assert run_cli(small_out, tmp_path / "split", "--epochs", "1") == 0
+    """With two loader pipelines (the GPU default), each with its own reader state."""
+    assert run_cli(small_out, tmp_path / "straight", "--epochs", "2", "--pipelines", "2") == 0
+    assert run_cli(small_out, tmp_path / "split", "--epochs", "1", "--pipelines", "2") == 0
     ckpt = tmp_path / "split" / "checkpoint.pt"
-    assert run_cli(small_out, tmp_path / "split", "--epochs", "2", "--resume", str(ckpt)) == 0
+    assert run_cli(small_out, tmp_path / "split", "--epochs", "2", "--resume", str(ckpt), "--pipelines", "2") == 0
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(ckpt, weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
@@ -167,6 +168,8 @@ def test_bad_input_is_one_line_and_exit_2(small_out, shapes_out, tmp_path, capsy
            "--resume", str(run / "checkpoint.pt")], "a checkpoint with arch paper, not torchvision")
     fails([str(shapes_out), "--device", "cpu", "--arch", "paper", "--groups", "2", "--run-dir", str(tmp_path / "r3"),
            "--resume", str(run / "checkpoint.pt")], "trained on other shards")
+    fails([str(small_out), "--device", "cpu", "--arch", "paper", "--groups", "2", "--pipelines", "2", "--run-dir",
+           str(tmp_path / "r4"), "--resume", str(run / "checkpoint.pt")], "a checkpoint with --pipelines 1, not 2")
     fails([str(small_out), "--device", "cpu", "--run-dir", str(run)], "checkpoint.pt exists")
     if not torch.cuda.is_available():
         fails([str(small_out), "--device", "cuda"], "no CUDA GPU is visible")
