@@ -105,6 +105,12 @@ def cuda_queues_note() -> str | None:
             f"13.8k -> 16.7k images/s)")
 
 
+def default_pipelines(device: str) -> int:
+    """Train pipelines per rank: 2 on a GPU (see DaliLoader), 1 on the CPU, where decoding is
+    compute-bound and a second pipeline would only split the same cores."""
+    return 2 if device == "gpu" else 1
+
+
 def range_sizes(n: int, world: int) -> list[int]:
     """Samples per rank, as DALI's readers split a dataset: rank r gets [n*r//W, n*(r+1)//W)."""
     return [n * (r + 1) // world - n * r // world for r in range(world)]
@@ -228,10 +234,9 @@ def train_loader(out, batch_size: int = 256, *, split: str = "train", device: st
                  verify: bool = True, state: dict | None = None) -> DaliLoader:
     """AlexNet's training stream: random crop, flip, PCA lighting (alpha ~ N(0, lighting)),
     normalization with OUT/pca.json's mean and std; `pipelines` DALI pipelines per rank
-    (see DaliLoader; default 2 on a GPU, 1 on the CPU, where decoding is compute-bound and a
-    second pipeline only splits the same cores), each with `num_threads` threads."""
+    (see DaliLoader; default: default_pipelines), each with `num_threads` threads."""
     device = resolve_device(device)
-    pipelines = pipelines if pipelines is not None else (2 if device == "gpu" else 1)
+    pipelines = pipelines if pipelines is not None else default_pipelines(device)
     out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
                                                         num_threads, verify, pipelines)
 

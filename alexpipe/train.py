@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import dist
 from .eval import evaluate
-from .loader import cuda_queues_note, eval_loader, load_pca, train_loader
+from .loader import cuda_queues_note, default_pipelines, eval_loader, load_pca, train_loader
 from .model import ARCHS, alexnet
 from .util import (UserError, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
                    run_main, sha256_file, write_json)
@@ -382,7 +382,7 @@ def parse_args(argv) -> TrainConfig:
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.pipelines is None:
-        args.pipelines = 2 if args.device == "cuda" else 1
+        args.pipelines = default_pipelines("gpu" if args.device == "cuda" else "cpu")
     return TrainConfig(**vars(args))
 
 
