@@ -5,7 +5,9 @@ channels_last, SGD, batch --batch-size, in one run:
   (a) the alexpipe DALI train loader end to end (read, decode, crop, flip, lighting), with
       each --pipelines count per GPU (default 1 and 2: before and after the second pipeline);
   (b) synthetic GPU-resident tensors: the model-bound ceiling;
-  (c) webdataset + PIL + torchvision transforms in a DataLoader with all cores.
+  (c) webdataset + PIL + torchvision transforms in a DataLoader with all cores;
+  (d) the alexpipe loader alone, batches taken with no model running: an upper bound on (a),
+      so (d)/(b) says how much of the ceiling the decoder could feed at best.
 Prints images/s, (a)/(b), (a)/(c), and the projected time of 90 ImageNet epochs on 1 GPU
 and on 8 from the last --pipelines count's (a) (a projection at 0.9 scaling efficiency,
 not a measurement).
@@ -57,6 +59,18 @@ def endless(loader):
     return (batch for _ in itertools.count() for batch in loader)
 
 
+def feed_rate(batches, steps: int, warmup: int) -> float:
+    """Images/s of a batch stream alone: (d)."""
+    for _ in range(warmup):
+        next(batches)
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += len(next(batches)[1])
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
 def median_rate(model, opt, batches, steps: int, repeats: int) -> float:
     """The median of `repeats` timings (of the synthetic runs, which vary by < 1%)."""
     return statistics.median(rate(model, opt, batches, steps, warmup=10) for _ in range(repeats))
@@ -97,10 +111,11 @@ def main(argv=None) -> int:
             counts = [int(c) for c in args.pipelines.split(",")]
             streams = {c: endless(train_loader(out, b, device="gpu", dtype="bfloat16", verify=False, pipelines=c))
                        for c in counts}
-            timings = {c: [] for c in counts}
+            timings, alone = {c: [] for c in counts}, {c: [] for c in counts}
             for _ in range(args.repeats):
                 for c, stream in streams.items():
                     timings[c].append(rate(compiled, opt, stream, args.steps, warmup=10))
+                    alone[c].append(feed_rate(stream, args.steps, warmup=10))
             ours = {c: statistics.median(t) for c, t in timings.items()}
             del streams, stream
 
@@ -120,6 +135,10 @@ def main(argv=None) -> int:
                       f"(timings {min(timings[pipelines]):.0f}-{max(timings[pipelines]):.0f})")
             print(f"  (b) synthetic GPU tensors (ceiling)    {synthetic:8.0f} images/s")
             print(f"  (c) webdataset+PIL+torchvision, {cores:2d} workers {baseline:7.0f} images/s")
+            for c, t in alone.items():
+                d = statistics.median(t)
+                print(f"  (d) alexpipe loader alone, {c} pipeline{'s' if c > 1 else ' '}   {d:8.0f} images/s   "
+                      f"(d)/(b) = {d / synthetic:.2f}   (timings {min(t):.0f}-{max(t):.0f})")
             h1 = 90 * IMAGENET_TRAIN / ours[counts[-1]] / 3600
             print(f"  projected 90 ImageNet epochs with {counts[-1]} pipelines: {h1:.2f} h on 1 GPU; "
                   f"{h1 / 8 / 0.9:.2f} h on 8 (projection, assuming 0.9 scaling efficiency)")
