@@ -40,9 +40,8 @@ def sync():
         torch.cuda.synchronize()
 
 
-def loader_rate(out, batches, warmup=8, **kw) -> float:
-    loader = train_loader(out, device="gpu" if GPU else "cpu", verify=False, **kw)
-    stream = (b for _ in itertools.count() for b in loader)  # across epochs
+def stream_rate(stream, batches, warmup=8) -> float:
+    """Images/s of `batches` (images, labels) batches of an endless stream, after `warmup`."""
     for _ in range(warmup):
         next(stream)
     sync()
@@ -53,6 +52,11 @@ def loader_rate(out, batches, warmup=8, **kw) -> float:
         n += len(images)
     sync()
     return n / (time.perf_counter() - t0)
+
+
+def loader_rate(out, batches, warmup=8, **kw) -> float:
+    loader = train_loader(out, device="gpu" if GPU else "cpu", verify=False, **kw)
+    return stream_rate((b for _ in itertools.count() for b in loader), batches, warmup)  # across epochs
 
 
 @pipeline_def

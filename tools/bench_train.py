@@ -34,7 +34,7 @@ import torch
 from alexpipe.loader import train_loader
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
-from bench_loader import torchvision_loader
+from bench_loader import stream_rate, torchvision_loader
 from bench_prepare import DEFAULT_SRC, sample_shards
 
 IMAGENET_TRAIN = 1_281_167
@@ -57,18 +57,6 @@ def rate(model, opt, batches, steps: int, warmup: int) -> float:
 
 def endless(loader):
     return (batch for _ in itertools.count() for batch in loader)
-
-
-def feed_rate(batches, steps: int, warmup: int) -> float:
-    """Images/s of a batch stream alone: (d)."""
-    for _ in range(warmup):
-        next(batches)
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    for _ in range(steps):
-        n += len(next(batches)[1])
-    torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
 
 
 def median_rate(model, opt, batches, steps: int, repeats: int) -> float:
@@ -115,7 +103,7 @@ def main(argv=None) -> int:
             for _ in range(args.repeats):
                 for c, stream in streams.items():
                     timings[c].append(rate(compiled, opt, stream, args.steps, warmup=10))
-                    alone[c].append(feed_rate(stream, args.steps, warmup=10))
+                    alone[c].append(stream_rate(stream, args.steps, warmup=10))
             ours = {c: statistics.median(t) for c, t in timings.items()}
             del streams, stream
 
