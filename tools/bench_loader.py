@@ -40,6 +40,11 @@ def sync():
         torch.cuda.synchronize()
 
 
+def endless(loader):
+    """A loader's batches across epochs, without end."""
+    return (batch for _ in itertools.count() for batch in loader)
+
+
 def stream_rate(stream, batches, warmup=8) -> float:
     """Images/s of `batches` (images, labels) batches of an endless stream, after `warmup`."""
     for _ in range(warmup):
@@ -56,7 +61,7 @@ def stream_rate(stream, batches, warmup=8) -> float:
 
 def loader_rate(out, batches, warmup=8, **kw) -> float:
     loader = train_loader(out, device="gpu" if GPU else "cpu", verify=False, **kw)
-    return stream_rate((b for _ in itertools.count() for b in loader), batches, warmup)  # across epochs
+    return stream_rate(endless(loader), batches, warmup)
 
 
 @pipeline_def

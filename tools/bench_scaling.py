@@ -37,6 +37,7 @@ from alexpipe import dist
 from alexpipe.loader import train_loader
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
+from bench_loader import endless
 from bench_prepare import DEFAULT_SRC, sample_shards
 
 
@@ -59,7 +60,7 @@ def worker(args) -> None:
     d = dist.setup("cuda")
     b = args.batch_size
     loader = train_loader(args.out, b, device="gpu", dtype="bfloat16", verify=False)
-    stream = (v for _ in itertools.count() for v in loader)  # across epochs
+    stream = endless(loader)
     result = {"world": d.world, "gpu": torch.cuda.get_device_name(), "cores": len(os.sched_getaffinity(0))}
     # the loader alone, on every rank at once: images/s per GPU
     result["loader_per_gpu"] = timed(lambda x, y: None, stream, args.steps, 10, b) / d.world

@@ -8,7 +8,7 @@ channels_last, SGD, batch --batch-size, in one run:
   (c) webdataset + PIL + torchvision transforms in a DataLoader with all cores;
   (d) the alexpipe loader alone, batches taken with no model running: an upper bound on (a),
       so (d)/(b) says how much of the ceiling the decoder could feed at best.
-Prints images/s, (a)/(b), (a)/(c), and the projected time of 90 ImageNet epochs on 1 GPU
+Prints images/s, (a)/(b), (a)/(c), (d)/(b), and the projected time of 90 ImageNet epochs on 1 GPU
 and on 8 from the last --pipelines count's (a) (a projection at 0.9 scaling efficiency,
 not a measurement).
 
@@ -34,7 +34,7 @@ import torch
 from alexpipe.loader import train_loader
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
-from bench_loader import stream_rate, torchvision_loader
+from bench_loader import endless, stream_rate, torchvision_loader
 from bench_prepare import DEFAULT_SRC, sample_shards
 
 IMAGENET_TRAIN = 1_281_167
@@ -53,10 +53,6 @@ def rate(model, opt, batches, steps: int, warmup: int) -> float:
         n += len(y)
     torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
-
-
-def endless(loader):
-    return (batch for _ in itertools.count() for batch in loader)
 
 
 def median_rate(model, opt, batches, steps: int, repeats: int) -> float:
