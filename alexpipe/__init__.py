@@ -6,4 +6,4 @@ the GPU and the PyTorch-facing iterators), model + train (AlexNet and the paper'
 DDP), eval (ten-crop evaluation and prediction).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

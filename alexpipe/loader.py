@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,15 +107,74 @@ def cuda_queues_note() -> str | None:
             f"13.8k -> 16.7k images/s)")
 
 
+PIPELINES_GPU, THREADS_GPU = 4, 4  # per rank on a GPU: more decodes in flight, fewer threads each
+
+
 def default_pipelines(device: str) -> int:
-    """Train pipelines per rank: 2 on a GPU (see DaliLoader), 1 on the CPU, where decoding is
-    compute-bound and a second pipeline would only split the same cores."""
-    return 2 if device == "gpu" else 1
+    """Train pipelines per rank: PIPELINES_GPU on a GPU (see DaliLoader), 1 on the CPU, where
+    decoding is compute-bound and a second pipeline would only split the same cores."""
+    return PIPELINES_GPU if device == "gpu" else 1
 
 
 def range_sizes(n: int, world: int) -> list[int]:
     """Samples per rank, as DALI's readers split a dataset: rank r gets [n*r//W, n*(r+1)//W)."""
     return [n * (r + 1) // world - n * r // world for r in range(world)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which reader shards a rank's pipelines read, and how big every range is.
+
+    moving (the default): W*P reader shards over the whole split; DALI moves every reader to
+    the next shard each epoch. fixed: rank r keeps samples [N*r//W, N*(r+1)//W) for the whole
+    run (index files cut to that share) split among its P pipelines, as a per-GPU decoder
+    cache needs; the order of its tar shards is still reshuffled every epoch."""
+    fixed: bool
+    shards: list[dict]  # what this rank's readers open
+    ids: list[int]  # reader shard id of each pipeline
+    num_shards: int
+    mine: list[int]  # samples of each of this rank's pipelines
+    pad_to: int  # DALI pads every range of this rank's readers to this many samples
+    least: int  # the smallest range of any pipeline of any rank
+    world: int
+    total: int  # samples in the split
+
+
+def moving_layout(shards: list[dict], rank: int, world: int, pipelines: int) -> Layout:
+    n = sum(s["count"] for s in shards)
+    sizes = range_sizes(n, world * pipelines)
+    ids = list(range(rank * pipelines, (rank + 1) * pipelines))
+    return Layout(False, shards, ids, world * pipelines, [sizes[i] for i in ids], max(sizes), min(sizes), world, n)
+
+
+def share(shards: list[dict], rank: int, world: int) -> list[tuple[dict, int, int]]:
+    """Rank r's fixed share, samples [N*r//W, N*(r+1)//W) of the stored order, as
+    (shard, first, end) sample ranges within each shard it touches."""
+    n = sum(s["count"] for s in shards)
+    lo, hi, start, parts = n * rank // world, n * (rank + 1) // world, 0, []
+    for s in shards:
+        a, b = max(lo, start), min(hi, start + s["count"])
+        if a < b:
+            parts.append((s, a - start, b - start))
+        start += s["count"]
+    return parts
+
+
+def fixed_layout(shards: list[dict], rank: int, world: int, pipelines: int, tmp: Path) -> Layout:
+    """The rank's share as shards; those it takes only part of get index files, written under
+    `tmp`, that list only its samples."""
+    mine = []
+    for s, a, b in share(shards, rank, world):
+        if b - a < s["count"]:
+            lines = Path(s["idx"]).read_text().splitlines()[1 + a:1 + b]
+            idx = tmp / f"{Path(s['idx']).stem}.rank{rank}.idx"
+            idx.write_text(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+            s = {**s, "idx": str(idx), "count": b - a}
+        mine.append(s)
+    n = sum(s["count"] for s in shards)
+    sizes = range_sizes(sum(s["count"] for s in mine), pipelines)
+    least = min(min(range_sizes(k, pipelines)) for k in range_sizes(n, world))
+    return Layout(True, mine, list(range(pipelines)), pipelines, sizes, max(sizes), least, world, n)
 
 
 class DaliLoader:
@@ -122,42 +183,44 @@ class DaliLoader:
     images: (B, 3, H, W) or, for ten-crop, (B, 10, 3, H, W), on the pipelines' device, in
     `dtype`, channels_last memory if asked; labels: (B,) int64.
 
-    With `pipelines` P > 1 (training only) the rank reads P reader shards of world*P, one per
-    pipeline (in the first epoch shards rank*P + p, i.e. exactly the rank's range; DALI moves
-    every reader to the next shard each epoch), and batches come from them in turn. Each
-    pipeline has its own decoder, so P batches decode at once: nvJPEG's per-image steps wait
-    behind the model's kernels, and more of them in flight hide that wait (tools/bench_train.py
-    on an H100, CUDA_DEVICE_MAX_CONNECTIONS=32, 8 threads per pipeline, 1 -> 2 pipelines:
-    paper AlexNet 16.7k -> 18.5k images/s, 0.83 -> 0.92 of the model alone; torchvision's
-    18.3k -> 24.8k; the loader alone 29.0k -> 35.0k)."""
+    With `pipelines` P > 1 (training only) the rank's P pipelines read P reader shards (see
+    Layout) and batches come from them in turn: each has its own decoder, so P batches decode
+    at once and the decoder's per-image steps, which wait behind the model's kernels, overlap.
 
-    def __init__(self, make_pipe, n_samples: int, batch_size: int, rank: int, world: int, drop_last: bool,
-                 torch_dtype, channels_last: bool, state: dict | None = None, pipelines: int = 1):
+    With `echo` K > 1 (training only) every pipeline run gives K views of each image (own
+    crop, flip and lighting); the P pipelines' batches of one round are pooled, and each
+    view's pool is shuffled and cut into P batches, so a batch never holds two views of one
+    image and the K views of an image sit in K different batches of the round.
+    """
+
+    def __init__(self, make_pipe, layout: Layout, batch_size: int, drop_last: bool, torch_dtype,
+                 channels_last: bool, state: dict | None = None, echo: int = 1, seed: int = 0):
+        pipelines = len(layout.ids)
         if pipelines > 1 and not drop_last:
             raise ValueError("several pipelines per rank need drop_last (every batch full)")
-        shards = world * pipelines
-        sizes = range_sizes(n_samples, shards)
-        mine = sizes[rank * pipelines:(rank + 1) * pipelines]
-        self.batch_size, self.rank_size = batch_size, sum(mine)
+        self.batch_size, self.rank_size, self.echo, self.seed = batch_size, sum(layout.mine), echo, seed
         # With pad_last_batch DALI pads every reader shard's range to the largest one, then to a
         # whole batch: that is the reader's epoch in every pipeline, and all of it must be consumed.
-        self.reader_batches = math.ceil(max(sizes) / batch_size)
+        self.reader_batches = math.ceil(layout.pad_to / batch_size)
         # train (drop_last): every pipeline of every rank gives the same number of full batches;
         # eval (one pipeline): every sample once, the last batch partial
-        self.length = (pipelines * min(s // batch_size for s in sizes) if drop_last
-                       else math.ceil(self.rank_size / batch_size))
-        if self.length == 0:
+        self.runs = (pipelines * (layout.least // batch_size) if drop_last
+                     else math.ceil(self.rank_size / batch_size))
+        if self.runs == 0:
             hint = " (lower the batch size or pass pipelines=1)" if pipelines > 1 else ""
-            raise UserError(f"batch size {batch_size} x {world} rank(s) x {pipelines} pipeline(s) is more than "
-                            f"the {n_samples} samples{hint}")
+            raise UserError(f"batch size {batch_size} x {layout.world} rank(s) x {pipelines} pipeline(s) is more than "
+                            f"the {layout.total} samples{hint}")
+        self.length = self.runs * echo
         self.torch_dtype, self.channels_last = torch_dtype, channels_last
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
         checkpoints = state["dali"] if state else [None] * pipelines
-        if not isinstance(checkpoints, list):  # written by a version with one pipeline per rank
-            checkpoints = [checkpoints]
         if len(checkpoints) != pipelines:
             raise UserError(f"the loader state was written with pipelines={len(checkpoints)}, not pipelines={pipelines}")
-        self.pipes = [make_pipe(rank * pipelines + p, shards, c) for p, c in enumerate(checkpoints)]
+        for key, value in (("echo", echo), ("fixed_share", layout.fixed)):
+            if state and state[key] != value:
+                raise UserError(f"the loader state was written with {key}={state[key]}, not {key}={value}")
+        self.fixed_share = layout.fixed
+        self.pipes = [make_pipe(i, layout.num_shards, c) for i, c in zip(layout.ids, checkpoints)]
         for pipe in self.pipes:
             pipe.build()
 
@@ -165,32 +228,49 @@ class DaliLoader:
         return self.length
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "dali": [p.checkpoint() for p in self.pipes]}
+        if self.echo > 1 and self.batch % (len(self.pipes) * self.echo):
+            raise ValueError("with echo, the loader state is exact only between rounds of pipelines x echo batches")
+        return {"epoch": self.epoch, "batch": self.batch, "echo": self.echo, "fixed_share": self.fixed_share,
+                "dali": [p.checkpoint() for p in self.pipes]}
 
-    @staticmethod
-    def _torch(tl) -> torch.Tensor:
+    def _torch(self, tl, keep: int | None = None) -> torch.Tensor:
         """Zero-copy view of a dense DALI batch. DALI's dynamic executor (the default) keeps
         the buffer alive while torch holds it, and DLPack orders the consumer's CUDA stream
         after DALI's, as DALI's own PyTorch iterator relies on."""
-        return torch.from_dlpack(tl.as_tensor())
+        return torch.from_dlpack(tl.as_tensor())[:keep]
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # DALI wrote HWC: a permuted view is NCHW in channels_last memory
+            x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.permute(0, 1, 4, 2, 3)
+        return x if x.dtype == self.torch_dtype else x.to(self.torch_dtype)
 
     def __iter__(self):
-        for b in range(self.batch, self.length):
-            images, labels = self.pipes[b % len(self.pipes)].run()[:2]
-            x, y = self._torch(images), parse_labels(self._torch(labels))
-            keep = self.rank_size - b * self.batch_size
-            if keep < len(y):  # eval's last batch: drop the reader's padding
-                x, y = x[:keep], y[:keep]
-            if self.channels_last:  # DALI wrote HWC: a permuted view is NCHW in channels_last memory
-                x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.permute(0, 1, 4, 2, 3)
-            if x.dtype != self.torch_dtype:
-                x = x.to(self.torch_dtype)
-            self.batch = b + 1
-            yield x, y
+        yield from (self._single() if self.echo == 1 else self._echoed())
         for pipe in self.pipes:  # the dropped remainder and the padding, to end each reader's epoch
-            for _ in range(self.length // len(self.pipes), self.reader_batches):
+            for _ in range(self.runs // len(self.pipes), self.reader_batches):
                 pipe.run()
         self.epoch, self.batch = self.epoch + 1, 0
+
+    def _single(self):
+        for b in range(self.batch, self.length):
+            images, labels = self.pipes[b % len(self.pipes)].run()
+            keep = min(self.batch_size, self.rank_size - b * self.batch_size)  # eval's last batch: no padding
+            x, y = self._images(self._torch(images, keep)), parse_labels(self._torch(labels, keep))
+            self.batch = b + 1
+            yield x, y
+
+    def _echoed(self):
+        per_round = len(self.pipes) * self.echo
+        for r in range(self.batch // per_round, self.length // per_round):
+            outs = [pipe.run() for pipe in self.pipes]
+            labels = torch.cat([parse_labels(self._torch(o[-1])) for o in outs])
+            gen = torch.Generator(labels.device).manual_seed(hash((self.seed, self.epoch, r)) % 2**62)
+            for k in range(self.echo):
+                views = torch.cat([self._torch(o[k]) for o in outs])
+                order = torch.randperm(len(labels), generator=gen, device=labels.device)
+                for part in order.split(self.batch_size):
+                    self.batch += 1
+                    yield self._images(views[part]), labels[part]
 
 
 def _common(out, split, device, rank, world_size, dtype, num_threads, verify, pipelines=1):
@@ -206,10 +286,8 @@ def _common(out, split, device, rank, world_size, dtype, num_threads, verify, pi
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if pipelines < 1:
         raise UserError(f"pipelines must be >= 1, got {pipelines}")
-    # per pipeline: 8 on a GPU (more per pipeline gained nothing on an H100, measured); on the
-    # CPU the cores, shared among the pipelines
-    threads = num_threads or (min(8, os.cpu_count() or 1) if device == "gpu"
-                              else max(1, len(os.sched_getaffinity(0)) // pipelines))
+    # per pipeline: THREADS_GPU on a GPU; on the CPU the cores, shared among the pipelines
+    threads = num_threads or (THREADS_GPU if device == "gpu" else max(1, len(os.sched_getaffinity(0)) // pipelines))
     # each rank checks its share (present, right size, and with verify its sha256); under
     # torch.distributed every rank raises if any found a problem, so none is left waiting
     problem = None
@@ -227,29 +305,78 @@ def _common(out, split, device, rank, world_size, dtype, num_threads, verify, pi
     return out, pca, shards, device, rank, world, kw
 
 
+CACHE_RESERVE_GB = 16.0  # GPU memory left to the model, DALI's buffers and the eval loader
+
+
+def cache_gb_needed(shards: list[dict], rank: int, world: int) -> float:
+    """GB of decoded uint8 pixels in rank's share (H*W*3 per image, from prepare's per-shard
+    pixel counts; about 262 KB per image where the manifest has none)."""
+    total = sum(3 * s.get("pixels", 256 * 341 * s["count"]) * (b - a) / s["count"] for s, a, b in share(shards, rank, world))
+    return total * 1.01 / 1e9 + 0.05  # DALI stores images unpadded; a margin for rounding
+
+
+def plan_cache(cache: str, cache_gb: float | None, needed: float, device: str) -> tuple[float, str]:
+    """(GB to cache, a line saying why) for cache auto | gpu | off on this rank's GPU."""
+    if cache == "off":
+        return 0.0, "decoder cache off"
+    if device != "gpu":
+        if cache == "gpu":
+            raise UserError("cache gpu needs a CUDA GPU (DALI's decoder cache is GPU memory)")
+        return 0.0, "decoder cache off (no GPU)"
+    free = torch.cuda.mem_get_info()[0] / 1e9
+    room = max(0.0, free - CACHE_RESERVE_GB)
+    if cache == "auto" and needed > room:
+        return 0.0, (f"decoder cache off: this rank's share needs {needed:.1f} GB, {free:.1f} GB of GPU memory "
+                     f"is free ({CACHE_RESERVE_GB:g} GB kept for training); --cache gpu --cache-gb N caches part")
+    size = min(needed, cache_gb if cache_gb is not None else room)
+    part = "all" if size >= needed else f"{100 * size / needed:.0f}%"
+    return size, (f"decoder cache: {size:.1f} GB of GPU memory for {part} of this rank's share ({needed:.1f} GB; "
+                  f"{free:.1f} GB free); epoch 1 decodes and fills it, later epochs copy from it")
+
+
 def train_loader(out, batch_size: int = 256, *, split: str = "train", device: str = "auto", rank: int | None = None,
                  world_size: int | None = None, seed: int = 0, dtype: str = "float16", channels_last: bool = True,
                  lighting: float = 0.1, crop: int = 224, num_threads: int | None = None, initial_fill: int = 4096,
-                 prefetch: int = 2, hw_decoder_load: float = 0.65, pipelines: int | None = None,
-                 verify: bool = True, state: dict | None = None) -> DaliLoader:
+                 prefetch: int = 2, hw_decoder_load: float = 1.0, pipelines: int | None = None,
+                 cache: str = "off", cache_gb: float | None = None, fixed_share: bool = False, echo: int = 1,
+                 verify: bool = True, state: dict | None = None, log=None) -> DaliLoader:
     """AlexNet's training stream: random crop, flip, PCA lighting (alpha ~ N(0, lighting)),
     normalization with OUT/pca.json's mean and std; `pipelines` DALI pipelines per rank
-    (see DaliLoader; default: default_pipelines), each with `num_threads` threads."""
+    (see DaliLoader; default: default_pipelines), each with `num_threads` threads.
+
+    cache: "gpu" keeps decoded images in GPU memory (at most `cache_gb`, default: the rank's
+    share or what is free), "auto" does so only if the whole share fits, "off" never; any
+    cache implies `fixed_share` (see Layout). echo K: K views of every decoded image per epoch
+    (see DaliLoader). `log` (print, say) gets the line on the cache decision."""
     device = resolve_device(device)
     pipelines = pipelines if pipelines is not None else default_pipelines(device)
+    if echo < 1:
+        raise UserError(f"echo must be >= 1, got {echo}")
+    if cache not in ("off", "gpu", "auto"):
+        raise UserError(f"cache must be off, gpu or auto, got {cache!r}")
     out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
                                                         num_threads, verify, pipelines)
+    cache_gb_used, note = plan_cache(cache, cache_gb, cache_gb_needed(shards, rank, world), device)
+    if log and cache != "off":
+        log(note)
+    tmp = None
+    if fixed_share or (cache != "off" and device == "gpu"):  # by the setting, not the fit: resume sees the same
+        tmp = tempfile.TemporaryDirectory(prefix="alexpipe-share-")
+        layout = fixed_layout(shards, rank, world, pipelines, Path(tmp.name))
+    else:
+        layout = moving_layout(shards, rank, world, pipelines)
 
     def make(shard_id, num_shards, checkpoint):
-        return train_pipeline(shards, device, shard_id, num_shards, pca["mean"], pca["std"], pca["eigval"], pca["eigvec"],
-                              lighting=lighting, crop=crop, dtype=DTYPES[dtype][0],
+        return train_pipeline(layout.shards, device, shard_id, num_shards, pca["mean"], pca["std"], pca["eigval"],
+                              pca["eigvec"], lighting=lighting, crop=crop, dtype=DTYPES[dtype][0],
                               layout="HWC" if channels_last else "CHW", initial_fill=initial_fill,
-                              shuffle_seed=seed, hw_decoder_load=hw_decoder_load, batch_size=batch_size,
-                              seed=seed * 100_003 + shard_id, prefetch_queue_depth=prefetch, checkpoint=checkpoint,
-                              **kw)
+                              shuffle_seed=seed, hw_decoder_load=hw_decoder_load, cache_mb=math.ceil(cache_gb_used * 1e3),
+                              echo=echo, batch_size=batch_size, seed=seed * 100_003 + shard_id,
+                              prefetch_queue_depth=prefetch, checkpoint=checkpoint, **kw)
 
-    n = sum(s["count"] for s in shards)
-    return DaliLoader(make, n, batch_size, rank, world, True, DTYPES[dtype][1], channels_last, state, pipelines)
+    loader = DaliLoader(make, layout, batch_size, True, DTYPES[dtype][1], channels_last, state, echo, seed)
+    loader.share_dir, loader.cache_gb = tmp, cache_gb_used  # the cut index files live as long as the loader
+    return loader
 
 
 def eval_loader(out, batch_size: int = 256, *, split: str = "val", ten_crop: bool = False, full_image: bool = False,
@@ -269,8 +396,8 @@ def eval_loader(out, batch_size: int = 256, *, split: str = "val", ten_crop: boo
                              full_image=full_image, batch_size=batch_size, prefetch_queue_depth=prefetch,
                              checkpoint=checkpoint, **kw)
 
-    n = sum(s["count"] for s in shards)
-    return DaliLoader(make, n, batch_size, rank, world, False, DTYPES[dtype][1], channels_last)
+    layout = moving_layout(shards, rank, world, 1)
+    return DaliLoader(make, layout, batch_size, False, DTYPES[dtype][1], channels_last)
 
 
 # ---------------------------------------------------------------------------- preview

@@ -50,6 +50,7 @@ class PCAConfig:
     # default 256 on GPU, 32 on CPU: a batch is padded to its largest image before the
     # float64 reduction, and on 2 CPU cores batch 256 ran at 82 images/s, batch 32 at 255
     batch_size: int | None = None
+    pipelines: int | None = None  # default 4 on GPU (more decodes in flight), 1 on CPU
     output: Path | None = None  # default OUT/pca.json
 
 
@@ -144,19 +145,24 @@ IN_FLIGHT = 4  # batches whose sums are still being computed on the GPU when the
 
 
 def accumulate(shards: list[dict], device: str, workers: int, batch_size: int,
-               in_flight: int = IN_FLIGHT) -> tuple[np.ndarray, float]:
+               in_flight: int = IN_FLIGHT, pipelines: int = 1) -> tuple[np.ndarray, float]:
     """The streaming pass over every image of `shards`: one exact row of sums per
     jackknife group (image ordinal mod GROUPS), as a (GROUPS, ROW) object array, and the
     time.perf_counter() at which the first batch arrived (the end of the start-up).
 
-    The host waits for a batch's sums only `in_flight` batches later (a CUDA event per
-    batch; its DALI buffer is held until then), so the host never stalls the decoder."""
+    `pipelines` DALI pipelines read disjoint ranges of the shards, batches taken in turn, with
+    workers // pipelines threads each (more decodes in flight). The host waits for a batch's
+    sums only `in_flight` batches later (a CUDA event per batch; its DALI buffer is held until
+    then), so the host never stalls the decoder."""
     total_images = sum(s["count"] for s in shards)
-    pipe = decoded_pipeline(shards, device, batch_size=batch_size, num_threads=max(1, workers),
-                            device_id=0 if device == "gpu" else None, prefetch_queue_depth=2)
-    pipe.build()
-    if pipe.epoch_size(READER) != total_images:
-        raise UserError(f"the shards hold {pipe.epoch_size(READER)} samples, the manifest says {total_images}")
+    pipes = [decoded_pipeline(shards, device, p, pipelines, batch_size=batch_size,
+                              num_threads=max(1, workers // pipelines), device_id=0 if device == "gpu" else None,
+                              prefetch_queue_depth=2) for p in range(pipelines)]
+    for pipe in pipes:
+        pipe.build()
+    if pipes[0].epoch_size(READER) != total_images:
+        raise UserError(f"the shards hold {pipes[0].epoch_size(READER)} samples, the manifest says {total_images}")
+    left = [total_images * (p + 1) // pipelines - total_images * p // pipelines for p in range(pipelines)]
     groups = np.zeros((GROUPS, ROW), dtype=object)
     pending = collections.deque()
 
@@ -171,16 +177,21 @@ def accumulate(shards: list[dict], device: str, workers: int, batch_size: int,
         np.add.at(batch, (start + np.arange(k)) % GROUPS, rows)
         groups[...] += batch.astype(object)
 
-    ordinal, first = 0, None
+    ordinal, first, turn = 0, None, 0
     with tqdm(total=total_images, unit="img", desc="pca", smoothing=0.05) as bar:
         while ordinal < total_images:
+            while not left[turn % pipelines]:
+                turn += 1
+            p = turn % pipelines
             try:
-                images, shapes = pipe.run()
+                images, shapes = pipes[p].run()
             except RuntimeError as e:
                 where = find_bad_sample(shards)
                 raise UserError(where or f"decoding failed: {str(e).splitlines()[0]}") from None
             first = first or time.perf_counter()
-            k = min(len(shapes), total_images - ordinal)  # drop the last batch's padding
+            k = min(len(shapes), left[p])  # drop the range's padding
+            left[p] -= k
+            turn += 1
             x = torch.from_dlpack(images.as_tensor())[:k]
             sums = torch.cat(image_sums(x), 1)
             event = None
@@ -210,7 +221,8 @@ def compute(cfg: PCAConfig) -> dict:
     check_shards(shards, hash_them=True, workers=cfg.workers)
     t0 = time.perf_counter()
     batch_size = cfg.batch_size or (256 if device == "gpu" else 32)
-    groups, first = accumulate(shards, device, cfg.workers, batch_size)
+    pipelines = cfg.pipelines or (4 if device == "gpu" else 1)
+    groups, first = accumulate(shards, device, cfg.workers, batch_size, pipelines=pipelines)
     end = time.perf_counter()
     seconds, startup = end - t0, first - t0
     total = groups.sum(0)
@@ -266,9 +278,11 @@ def parse_args(argv) -> PCAConfig:
     p.add_argument("--fraction", type=float, default=1.0, help="use a seeded random subset of the shards")
     p.add_argument("--seed", type=int, default=0, help="which shards --fraction picks")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 32 on CPU")
+    p.add_argument("--pipelines", type=int, default=None, help="DALI pipelines decoding side by side "
+                   "(default: 4 on GPU, 1 on CPU)")
     p.add_argument("--output", type=Path, default=None, help="default: OUT/pca.json")
     args = p.parse_args(argv)
-    for name in ("workers", "batch_size"):
+    for name in ("workers", "batch_size", "pipelines"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

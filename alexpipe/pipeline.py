@@ -22,14 +22,21 @@ def read_shards(shards: list[dict], ext: list[str], shard_id: int, num_shards: i
         name=READER, **kwargs)
 
 
-def decode(jpegs, device: str, **kwargs):
-    if device == "gpu":
-        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, **kwargs)
-    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, **kwargs)
+def decode(jpegs, device: str, hw_decoder_load: float = 1.0, cache_mb: int = 0):
+    """RGB uint8 HWC. On the GPU: nvJPEG, `hw_decoder_load` of each batch on the hardware
+    JPEG engines (1.0: all; they take no SMs from the model, and every image then comes from
+    one decoder, so the pixels never depend on its place in the batch); with `cache_mb`, DALI's
+    decoder cache keeps every decoded image (keyed by its source, per GPU) until that many MB
+    are full, and later epochs copy cached images instead of decoding them."""
+    if device != "gpu":
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+    cache = dict(cache_size=cache_mb, cache_type="threshold", cache_threshold=0, cache_batch_copy=True) if cache_mb else {}
+    return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load, **cache)
 
 
 @pipeline_def
-def decoded_pipeline(shards: list[dict], device: str, shard_id: int = 0, num_shards: int = 1):
+def decoded_pipeline(shards: list[dict], device: str, shard_id: int = 0, num_shards: int = 1,
+                     hw_decoder_load: float = 1.0):
     """Every image in stored order, decoded to RGB, flattened to (H*W, 3) pixels and
     zero-padded to the batch's largest pixel count (so the batch is one dense tensor;
     zeros add nothing to pixel sums), with its true shape (H, W, C). Padding the flat
@@ -37,7 +44,7 @@ def decoded_pipeline(shards: list[dict], device: str, shard_id: int = 0, num_sha
     landscape images small: 21.9k vs 18.1k images/s for alexpipe-pca on an H100 (measured).
     The shard is padded with its last sample to a whole batch (the caller drops the padding)."""
     jpegs = read_shards(shards, ["jpg"], shard_id, num_shards, pad_last_batch=True)
-    pixels = fn.reshape(decode(jpegs, device), shape=[-1, 3])
+    pixels = fn.reshape(decode(jpegs, device, hw_decoder_load), shape=[-1, 3])
     return fn.pad(pixels, fill_value=0), fn.peek_image_shape(jpegs)
 
 
@@ -81,37 +88,44 @@ def normalize(images, mean, std, crop: int, dtype, layout: str, **position):
                                     output_layout=layout, **position)
 
 
-@pipeline_def(enable_checkpointing=True)
-def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: int, mean, std, eigval, eigvec,
-                   lighting: float = 0.1, crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW",
-                   initial_fill: int = 4096, shuffle_seed: int = 0, hw_decoder_load: float = 0.65,
-                   with_params: bool = False):
-    """AlexNet's training augmentation: a random crop x crop window at a uniformly random
-    position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
-
-    Order: the shard order is reshuffled every epoch (same seed in every pipeline, so the
-    num_shards reader shards - a rank's pipelines - read disjoint ranges of one global order)
-    and samples are mixed in a buffer of `initial_fill`; prepare already shuffled the samples
-    across all shards. DALI pads each reader shard's range to the largest one's and to whole
-    batches (the iterator drops the padding).
-    The window's corner is at round-half-up(pos * (size - crop)), pos ~ U(0, 1), as DALI
-    places crops. With `with_params` the drawn pos_x, pos_y, flip and alpha and each
-    sample's source ("tar:offset:key.jpg") are returned too, for tests and inspection.
-    """
-    jpegs, cls = read_shards(shards, ["jpg", "cls"], shard_id, num_shards, random_shuffle=True,
-                             initial_fill=initial_fill, shuffle_after_epoch=True,
-                             shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True)
-    extra = {"hw_decoder_load": hw_decoder_load} if device == "gpu" else {}
-    images = decode(jpegs, device, **extra)
+def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype, layout: str):
+    """One random view: crop window, flip, PCA lighting, normalization; and its draws."""
     pos_x = fn.random.uniform(range=(0.0, 1.0))
     pos_y = fn.random.uniform(range=(0.0, 1.0))
     mirror = fn.random.coin_flip(probability=0.5)
     mean_s, alpha = lighting_mean(mean, eigval, eigvec, lighting)
     out = normalize(images, mean_s, std, crop, dtype, layout, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
+    return out, (pos_x, pos_y, mirror, alpha)
+
+
+@pipeline_def(enable_checkpointing=True)
+def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: int, mean, std, eigval, eigvec,
+                   lighting: float = 0.1, crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW",
+                   initial_fill: int = 4096, shuffle_seed: int = 0, hw_decoder_load: float = 1.0,
+                   cache_mb: int = 0, echo: int = 1, with_params: bool = False):
+    """AlexNet's training augmentation: a random crop x crop window at a uniformly random
+    position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
+    Returns `echo` such views of each decoded image (independent draws), then the labels.
+
+    Order: the order of the tar shards is reshuffled every epoch (same seed in every pipeline,
+    so the num_shards reader shards read disjoint ranges of one order) and samples are mixed
+    in a buffer of `initial_fill`; prepare already shuffled the samples across all shards.
+    DALI pads each reader shard's range to the largest one's and to whole batches (the
+    iterator drops the padding).
+    The window's corner is at round-half-up(pos * (size - crop)), pos ~ U(0, 1), as DALI
+    places crops. With `with_params` (one view) the drawn pos_x, pos_y, flip and alpha and
+    each sample's source ("tar:offset:key.jpg") are returned too, for tests and inspection.
+    """
+    jpegs, cls = read_shards(shards, ["jpg", "cls"], shard_id, num_shards, random_shuffle=True,
+                             initial_fill=initial_fill, shuffle_after_epoch=True,
+                             shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True)
+    images = decode(jpegs, device, hw_decoder_load, cache_mb)
+    views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout) for _ in range(echo)]
     labels = label_bytes(cls, device)
     if with_params:
-        return out, labels, pos_x, pos_y, mirror, alpha, fn.get_property(jpegs, key="source_info")
-    return out, labels
+        (out, params), = views
+        return (out, labels, *params, fn.get_property(jpegs, key="source_info"))
+    return (*[out for out, _ in views], labels)
 
 
 @pipeline_def(enable_checkpointing=True)

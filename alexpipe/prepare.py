@@ -283,19 +283,20 @@ def tar_members(key: str, files: dict[str, bytes]) -> tuple[bytes, list[str]]:
 
 
 def convert_one(src: Path, center_crop: bool, quality: int, task: tuple[int, Item]):
-    """Worker: one source file to its sample's tar bytes and index entries, or
-    (None, reason) if it is not a readable image. Any exception while reading is the
-    file's fault."""
+    """Worker: one source file to its sample's tar bytes, index entries and stored pixel
+    count (H*W: what a decoded-image cache needs), or (None, reason, 0) if it is not a
+    readable image. Any exception while reading is the file's fault."""
     index, item = task
     try:
         img, info = load_resized(src / item.path, center_crop)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=quality)
     except Exception as e:  # noqa: BLE001 - unreadable, truncated, empty, not an image...
-        return None, " ".join(f"{type(e).__name__}: {e}".split())
+        return None, " ".join(f"{type(e).__name__}: {e}".split()), 0
     meta = {"src": item.path, "wnid": item.wnid, "label": item.label, **info}
-    return tar_members(f"{index:08d}", {"jpg": buf.getvalue(), "cls": str(item.label).encode(),
-                                        "json": json.dumps(meta, sort_keys=True).encode()})
+    member, entries = tar_members(f"{index:08d}", {"jpg": buf.getvalue(), "cls": str(item.label).encode(),
+                                                   "json": json.dumps(meta, sort_keys=True).encode()})
+    return member, entries, img.size[0] * img.size[1]
 
 
 def _init_worker():
@@ -325,17 +326,18 @@ def write_shard(tar_path: Path, items: list[Item], results) -> dict:
     then write its index. Returns the shard's record (without the job id). The bytes equal
     what tarfile.TarFile would write for the same members."""
     tmp = tar_path.with_name(f".{tar_path.name}.tmp")
-    rejected, lines, pos = [], [], 0
+    rejected, lines, pos, pixels = [], [], 0, 0
     sha = hashlib.sha256()
     with open(tmp, "wb") as f:
         def put(data: bytes):
             f.write(data)
             sha.update(data)
-        for item, (member, entries) in zip(items, results):
+        for item, (member, entries, n_pixels) in zip(items, results):
             if member is None:
                 rejected.append([item.path, entries])
                 continue
             put(member)
+            pixels += n_pixels
             lines.append(" ".join(f"{ext} {pos + off} {size} {name}" for ext, off, size, name in entries))
             pos += len(member)
         end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # end-of-archive, padded to a whole record
@@ -345,7 +347,7 @@ def write_shard(tar_path: Path, items: list[Item], results) -> dict:
     os.replace(tmp, tar_path)
     atomic_write_bytes(tar_path.with_suffix(".idx"), f"v1.2 {len(lines)}\n{''.join(x + chr(10) for x in lines)}".encode())
     return {"count": len(lines), "bytes": tar_path.stat().st_size, "sha256": sha.hexdigest(),
-            "rejected": rejected}
+            "pixels": pixels, "rejected": rejected}
 
 
 def job_id(cfg: PrepareConfig, split: str, items: list[Item]) -> str:
@@ -427,7 +429,7 @@ def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> di
         "source_files": len(items),
         "rejected": len(rejected),
         "shards": [{"tar": f"{split}/{split}-{k:06d}.tar", "idx": f"{split}/{split}-{k:06d}.idx",
-                    "count": s["count"], "bytes": s["bytes"], "sha256": s["sha256"]}
+                    "count": s["count"], "bytes": s["bytes"], "sha256": s["sha256"], "pixels": s["pixels"]}
                    for k, s in enumerate(shards)],
     }
 

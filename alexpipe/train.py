@@ -67,8 +67,10 @@ class TrainConfig:
     compile: bool = True
     seed: int = 0
     workers: int | None = None  # DALI threads per pipeline
-    pipelines: int = 2  # DALI train pipelines per rank (loader.DaliLoader: +11% paper, +36% torchvision on an
-    # H100); the CLI's default is 2 on cuda, 1 on cpu
+    pipelines: int | None = None  # DALI train pipelines per rank; default: loader.default_pipelines
+    cache: str = "auto"  # decoded images in GPU memory: auto (if the rank's share fits) | gpu | off
+    cache_gb: float | None = None
+    echo: int = 1  # views of each decoded image per epoch; 1 is the paper's recipe
     run_dir: Path | None = None  # default OUT/runs/<arch>
     resume: Path | None = None
     deterministic: bool = False
@@ -257,8 +259,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         except Exception:  # noqa: BLE001
             raise UserError(f"{cfg.resume}: not an alexpipe-train checkpoint") from None
         for key, want, what in (("arch", cfg.arch, "arch"), ("groups", cfg.groups, "groups"),
-                                ("world", d.world, "number of ranks"), ("pipelines", cfg.pipelines, "--pipelines")):
-            if ckpt.get(key, 1) != want:  # (checkpoints without "pipelines" ran one per rank)
+                                ("world", d.world, "number of ranks"), ("pipelines", cfg.pipelines, "--pipelines"), ("echo", cfg.echo, "--echo")):
+            if ckpt.get(key) != want:
                 raise UserError(f"{cfg.resume}: a checkpoint with {what} {ckpt.get(key, 1)}, not {want}")
         for key in ("manifest_sha256", "pca_sha256"):
             if ckpt[key] != identity[key]:
@@ -270,14 +272,16 @@ def train(cfg: TrainConfig) -> list[dict]:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = alexnet(cfg.arch, num_classes, cfg.groups, cfg.dropout).to(d.device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=cuda)  # one kernel for the whole step on CUDA
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
     device = "gpu" if cuda else "cpu"
     loader_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.precision]
     lkw = dict(device=device, rank=d.rank, world_size=d.world, dtype=loader_dtype, channels_last=cfg.channels_last,
                num_threads=cfg.workers)
     train_data = train_loader(cfg.out, per_rank, seed=cfg.seed, lighting=cfg.lighting, pipelines=cfg.pipelines,
-                              state=ckpt["loader"][d.rank] if ckpt else None, **lkw)
+                              cache=cfg.cache if cuda else "off", cache_gb=cfg.cache_gb, echo=cfg.echo,
+                              state=ckpt["loader"][d.rank] if ckpt else None, log=print if d.main else None, **lkw)
     val_data = eval_loader(cfg.out, per_rank, **lkw)
     scale = cfg.batch_size / BASE_BATCH
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (5 if scale > 1 else 0)
@@ -326,7 +330,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                   f"{m['epoch_seconds']:.0f} s" + ("  -> lr / 10" if dropped else ""), flush=True)
             save_checkpoint(ckpt_path, {
                 "arch": cfg.arch, "groups": cfg.groups, "num_classes": num_classes, "world": d.world,
-                "pipelines": cfg.pipelines,
+                "pipelines": cfg.pipelines, "echo": cfg.echo,
                 "classes": manifest["classes"], "normalize": {"mean": pca["mean"], "std": pca["std"]},
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "schedule": dataclasses.asdict(schedule), "metrics": metrics,
@@ -368,15 +372,25 @@ def parse_args(argv) -> TrainConfig:
     p.add_argument("--pipelines", type=int, default=None, help="DALI train pipelines per rank, decoding batches "
                    "side by side; default: 2 on cuda, 1 on cpu (--resume needs the number the checkpoint was "
                    "written with)")
+    p.add_argument("--cache", default=d.cache, choices=["auto", "gpu", "off"],
+                   help="keep decoded images in GPU memory after epoch 1 (DALI's decoder cache; each rank then keeps "
+                        "one fixed share of the samples): auto = if the rank's share fits, gpu = as much as fits or "
+                        "--cache-gb")
+    p.add_argument("--cache-gb", type=float, default=None, help="GPU memory for the cache per rank (default: the "
+                   "rank's share, or what is free less 16 GB)")
+    p.add_argument("--echo", type=int, default=d.echo, help="views (crop, flip, lighting) of each decoded image per "
+                   "epoch, in different batches (data echoing; 1 = the paper)")
     p.add_argument("--run-dir", type=Path, default=None, help="default: OUT/runs/<arch>")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
     p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms (for exact resume tests)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between host syncs / bar updates")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "step_epochs", "log_every", "workers", "pipelines"):
+    for name in ("epochs", "batch_size", "step_epochs", "log_every", "workers", "pipelines", "echo"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.cache_gb is not None and args.cache_gb <= 0:
+        raise UserError(f"--cache-gb must be > 0, got {args.cache_gb}")
     if args.lr <= 0 or args.patience < 0:
         raise UserError("--lr must be > 0 and --patience >= 0")
     if args.precision is None:

@@ -84,3 +84,24 @@ def shapes_run(shapes_out, tmp_path_factory) -> Path:
             "--lr", "0.1", "--warmup-epochs", "2", "--run-dir", str(run), "--log-every", "5"]
     assert train.main(args) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def unique_out(tmp_path_factory) -> Path:
+    """Made by the package alone: 150 generated images, each in its own class folder (labels
+    0..149, so a label names its sample), prepared in shards of 32 (the last one short), with
+    a val split of 20 and pca.json."""
+    import numpy as np
+
+    from alexpipe import pca
+    from alexpipe.sample import CLASS_DESIGNS, draw_image
+    root = tmp_path_factory.mktemp("unique")
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        _, shape, hue = CLASS_DESIGNS[i % len(CLASS_DESIGNS)]
+        for split in ("train", "val") if i < 20 else ("train",):
+            (root / "src" / split / f"c{i:03d}").mkdir(parents=True)
+            draw_image(rng, shape, hue).save(root / "src" / split / f"c{i:03d}" / "img.JPEG", quality=90)
+    prepare(PrepareConfig(src=root / "src", out=root / "out", workers=2, shard_size=32))
+    assert pca.main([str(root / "out"), "--device", "cpu"]) == 0
+    return root / "out"

@@ -327,3 +327,78 @@ def test_cuda_queues_note(monkeypatch):
         monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", value)
         assert (cuda_queues_note() is not None) == note
         assert not note or f"CUDA_DEVICE_MAX_CONNECTIONS={value};" in cuda_queues_note()
+
+
+def stored_labels(out: Path) -> list[int]:
+    """Every train sample's label in stored order (shard by shard, as the index files list them)."""
+    from alexpipe.util import iter_samples
+    return [int(s["cls"]) for shard in split_shards(load_manifest(out), out, "train") for s in iter_samples(shard)]
+
+
+@pytest.mark.parametrize("world,pipelines", [(1, 2), (2, 1), (3, 2)])
+def test_fixed_share_keeps_each_ranks_samples_and_reshuffles_them(unique_out, world, pipelines):
+    """What a per-GPU decoder cache needs: rank r sees only samples [N*r//W, N*(r+1)//W) of
+    the stored order, every epoch, each at most once, in a new order; every rank gives the
+    same number of full batches, and fewer than world x pipelines x batch are left out."""
+    order = stored_labels(unique_out)
+    n, seen_all = len(order), Counter()
+    lengths = set()
+    for r in range(world):
+        share = set(order[n * r // world:n * (r + 1) // world])
+        loader = train_loader(unique_out, batch_size=8, device="cpu", rank=r, world_size=world, pipelines=pipelines,
+                              fixed_share=True, initial_fill=16)
+        lengths.add(len(loader))
+        epochs = [[label for _, y in loader for label in y.tolist()] for _ in range(3)]
+        for labels in epochs:
+            assert len(labels) == len(loader) * 8 and len(set(labels)) == len(labels)
+            assert set(labels) <= share and len(share) - len(labels) < world * pipelines * 8
+        assert epochs[0] != epochs[1] != epochs[2]
+        seen_all.update(epochs[0])
+    assert len(lengths) == 1 and set(seen_all.values()) == {1}
+
+
+@pytest.mark.parametrize("world,pipelines", [(1, 1), (1, 2), (3, 2)])
+def test_echo_gives_k_different_views_in_different_batches(unique_out, world, pipelines):
+    """echo 2: every sample of an epoch comes twice, never twice in one batch, and its two
+    views differ; epoch counts stay equal and exact over ranks."""
+    lengths, total = set(), Counter()
+    for r in range(world):
+        loader = train_loader(unique_out, batch_size=8, device="cpu", rank=r, world_size=world, pipelines=pipelines,
+                              echo=2, dtype="float32", initial_fill=16)
+        plain = train_loader(unique_out, batch_size=8, device="cpu", rank=r, world_size=world, pipelines=pipelines)
+        assert len(loader) == 2 * len(plain)
+        lengths.add(len(loader))
+        views, batches = {}, 0
+        for x, y in loader:
+            assert len(set(y.tolist())) == len(y) == 8
+            for image, label in zip(x, y.tolist()):
+                views.setdefault(label, []).append(image)
+            batches += 1
+        assert batches == len(loader)
+        assert all(len(v) == 2 and not torch.equal(v[0], v[1]) for v in views.values())
+        total.update(views.keys())
+    assert len(lengths) == 1 and set(total.values()) == {1}
+
+
+def test_echo_and_fixed_share_resume_exactly(unique_out):
+    def make(state=None, echo=2, fixed_share=True):
+        return train_loader(unique_out, batch_size=8, device="cpu", pipelines=2, echo=echo, fixed_share=fixed_share,
+                            initial_fill=16, state=state)
+    straight = make()
+    epochs = [labels_of(straight) for _ in range(3)]
+    first = make()
+    labels_of(first)
+    resumed = make(state=first.state_dict())
+    assert same(labels_of(resumed), epochs[1]) and same(labels_of(resumed), epochs[2])
+    mid = make()
+    it = iter(mid)
+    for _ in range(4):  # one round: 2 pipelines x 2 views
+        next(it)
+    assert same(labels_of(make(state=mid.state_dict())), epochs[0][4:])
+    next(it)
+    with pytest.raises(ValueError, match="exact only between rounds"):
+        mid.state_dict()
+    with pytest.raises(UserError, match="written with echo=2, not echo=1"):
+        make(state=first.state_dict(), echo=1)
+    with pytest.raises(UserError, match="written with fixed_share=True, not fixed_share=False"):
+        make(state=first.state_dict(), fixed_share=False)

@@ -94,6 +94,14 @@ def test_every_image_has_short_side_256_and_its_aspect(real_out):
             assert (w, h) == expected_size(*meta["size"])
 
 
+def test_manifest_counts_each_shards_stored_pixels(synth_out):
+    """H*W summed over each shard's stored images: what a decoded-image cache needs to size itself."""
+    manifest = json.loads((synth_out / "manifest.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:
+        samples = list(wds.WebDataset([str(synth_out / shard["tar"])], shardshuffle=False, empty_check=False))
+        assert shard["pixels"] == sum(decode(s["jpg"]).shape[0] * decode(s["jpg"]).shape[1] for s in samples) > 0
+
+
 def test_pixels_match_full_decode_reference(real_out, real_tree):
     """Stored images equal a full-decode reference up to JPEG q90 (and, for large
     sources, draft-mode) error; grayscale sources come out with R = G = B."""

@@ -1,0 +1,108 @@
+"""The models against the paper: LRN's formula and its gradient (and, where CUDA is, the
+compiled GPU pass against it), parameter counts, init and map sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alexpipe.model import LRN, alexnet, local_response_norm
+
+# torchvision.models.alexnet().state_dict(), written down from torchvision/models/alexnet.py
+TORCHVISION_KEYS = {
+    "features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,),
+    "features.3.weight": (192, 64, 5, 5), "features.3.bias": (192,),
+    "features.6.weight": (384, 192, 3, 3), "features.6.bias": (384,),
+    "features.8.weight": (256, 384, 3, 3), "features.8.bias": (256,),
+    "features.10.weight": (256, 256, 3, 3), "features.10.bias": (256,),
+    "classifier.1.weight": (4096, 9216), "classifier.1.bias": (4096,),
+    "classifier.4.weight": (4096, 4096), "classifier.4.bias": (4096,),
+    "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,),
+}
+
+
+def lrn_numpy(a: np.ndarray, n=5, alpha=1e-4, beta=0.75, k=2.0) -> np.ndarray:
+    """The paper's eq. (sec. 3.3), literally: b_i = a_i / (k + alpha sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta."""
+    out = np.empty_like(a)
+    channels = a.shape[1]
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        out[:, i] = a[:, i] / (k + alpha * (a[:, lo:hi + 1] ** 2).sum(1)) ** beta
+    return out
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_is_the_papers_formula(groups):
+    a = np.random.default_rng(0).normal(0, 40, (2, 16, 4, 4))  # large enough that the sum matters
+    got = LRN(groups=groups)(torch.from_numpy(a)).numpy()
+    want = np.concatenate([lrn_numpy(h) for h in np.split(a, groups, axis=1)], axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert np.abs(want - a).max() > 1.0
+
+
+def test_parameter_counts_are_the_known_totals():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(alexnet("torchvision")) == 61_100_840  # torchvision's AlexNet
+    assert count(alexnet("paper", groups=2)) == 60_965_224  # the two-tower net (Caffe's bvlc_alexnet)
+    assert count(alexnet("paper", groups=1)) == 62_378_344  # one tower, same layer widths
+
+
+def test_torchvision_state_dict_keys_and_shapes():
+    state = alexnet("torchvision").state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == TORCHVISION_KEYS
+
+
+def test_paper_init_and_map_sizes():
+    torch.manual_seed(0)
+    model = alexnet("paper", groups=2)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    fcs = [m for m in model.classifier if isinstance(m, torch.nn.Linear)]
+    for layer in convs + fcs:
+        w = layer.weight.detach()
+        assert abs(w.mean().item()) < 1e-3 and abs(w.std().item() - 0.01) < 0.0005
+    biases = [float(layer.bias.detach().unique().item()) for layer in convs + fcs]
+    assert biases == [0, 1, 0, 1, 1, 1, 1, 0]
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+             for m in model.features if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d))]
+    assert model(torch.zeros(2, 3, 224, 224)).shape == (2, 1000)
+    for h in hooks:
+        h.remove()
+    assert sizes == [55, 27, 27, 13, 13, 13, 13, 6]
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_gradient_is_the_formulas(groups):
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64) * 40
+    assert torch.autograd.gradcheck(lambda t: local_response_norm(t, groups=groups), (x.requires_grad_(),))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_channels_last_and_low_precision(groups):
+    """Same values in channels_last memory; bf16 in and out, summed in float32."""
+    x = torch.randn(2, 16, 5, 5) * 40
+    ref = local_response_norm(x.double(), groups=groups)
+    cl = local_response_norm(x.contiguous(memory_format=torch.channels_last), groups=groups)
+    torch.testing.assert_close(cl.double(), ref, rtol=1e-6, atol=1e-6)
+    bf = local_response_norm(x.bfloat16(), groups=groups)
+    assert bf.dtype == torch.bfloat16
+    torch.testing.assert_close(bf.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled GPU pass")
+@pytest.mark.parametrize("groups", [1, 2])
+def test_compiled_lrn_on_cuda_equals_the_formula(groups):
+    """torch.compile's fused kernels on the GPU, forward and backward, against float64 on the
+    CPU, at the paper's conv1 map size in channels_last memory."""
+    x = torch.randn(8, 96, 55, 55, dtype=torch.float64) * 40
+    g = torch.randn_like(x)
+    ref_in = x.clone().requires_grad_()
+    ref = local_response_norm(ref_in, groups=groups)
+    ref.backward(g)
+    fn = torch.compile(lambda t: local_response_norm(t, groups=groups))
+    dev_in = x.float().cuda().contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = fn(dev_in)
+    out.backward(g.float().cuda())
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dev_in.grad.double().cpu(), ref_in.grad, rtol=1e-4, atol=1e-5)
