@@ -61,12 +61,14 @@ def main(argv=None) -> int:
         out = tmp / "out"
         prepare(PrepareConfig(src=tmp / "src", out=out, split="train", shard_size=2000))
         base = baseline(out, args.baseline_images)
-        modes = ["cpu"] + (["gpu"] if resolve_device("auto") == "gpu" else [])
+        # on a GPU: one pipeline (as before) against the default (several decoding side by side)
+        modes = ["cpu"] + (["gpu:1", "gpu"] if resolve_device("auto") == "gpu" else [])
         rates, results = {}, {}
         for mode in modes:
             best = None
             for _ in range(args.repeats):
-                r = compute(PCAConfig(out=out, device=mode))
+                device, _, pipes = mode.partition(":")
+                r = compute(PCAConfig(out=out, device=device, pipelines=int(pipes) if pipes else None))
                 r["rate"] = r["steady_images_per_second"] or r["images_per_second"]  # None on tiny runs
                 best = r if best is None or r["rate"] > best["rate"] else best
             rates[mode], results[mode] = best["rate"], best
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
         print(f"baseline (PIL decode + numpy.cov per 256 images, 1 process): {base:9.1f} images/s   1.00x")
         for mode, r in rates.items():
             whole, startup = results[mode]["images_per_second"], results[mode]["startup_seconds"]
-            print(f"alexpipe-pca --device {mode} (exact int64 sums, {results[mode]['decoder']}): "
+            flags = f"--device {mode.split(':')[0]}" + (f" --pipelines {mode.split(':')[1]}" if ":" in mode else "")
+            print(f"alexpipe-pca {flags:<28} (exact int64 sums, {results[mode]['decoder']}): "
                   f"{r:9.1f} images/s after {startup:.1f} s start-up ({whole:.0f} over this whole pass)  "
                   f"{r / base:6.2f}x   ImageNet train projected {startup + IMAGENET_TRAIN / r:7.1f} s")
         if "gpu" in results:

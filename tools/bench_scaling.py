@@ -70,7 +70,7 @@ def worker(args) -> None:
     def step_fn(arch: str, hook: bool):
         torch.manual_seed(0)
         model = alexnet(arch).to(d.device, memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
         ddp = model
         if d.world > 1:
             ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank])

@@ -1,26 +1,25 @@
-"""Benchmark AlexNet training throughput: alexpipe loader vs synthetic data vs PyTorch loader.
+"""Benchmark AlexNet training throughput: the alexpipe loader against the model alone.
 
 For each arch (paper, torchvision), with the same compiled model, bf16 autocast,
-channels_last, SGD, batch --batch-size, in one run:
-  (a) the alexpipe DALI train loader end to end (read, decode, crop, flip, lighting), with
-      each --pipelines count per GPU (default 1 and 2: before and after the second pipeline);
-  (b) synthetic GPU-resident tensors: the model-bound ceiling;
-  (c) webdataset + PIL + torchvision transforms in a DataLoader with all cores;
-  (d) the alexpipe loader alone, batches taken with no model running: an upper bound on (a),
-      so (d)/(b) says how much of the ceiling the decoder could feed at best.
-Prints images/s, (a)/(b), (a)/(c), (d)/(b), and the projected time of 90 ImageNet epochs on 1 GPU
-and on 8 from the last --pipelines count's (a) (a projection at 0.9 scaling efficiency,
-not a measurement).
+channels_last, fused SGD, batch --batch-size, in one run:
+  (a) training fed by the alexpipe train loader (read, decode, crop, flip, lighting), for
+      each --loaders setting (pipelines x threads @ hw_decoder_load), and with --echo K
+      (each decoded image used K times) for the first setting;
+  (b) training on synthetic GPU-resident tensors: the model-bound ceiling;
+  (c) with --baseline: webdataset + PIL + torchvision transforms in a DataLoader, all cores;
+  (d) each loader alone, no model running: an upper bound on (a).
+(a) and (d) are timed in interleaved rounds (drift hits every setting alike), medians of
+--repeats. With --cache, whole epochs: without a cache, and with DALI's GPU decoder cache
+holding all or half of the set (epoch 1 fills it; epochs 2-3 read it). Prints images/s,
+ratios to (b), and the projected hours of 90 ImageNet epochs on one GPU.
 
-  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_train.py [--out OUT_WITH_SHARDS_AND_PCA] [--steps 150]
-
-(as alexpipe-train should be started; the header prints the value; with CUDA's default 8 the
-paper arch's (a) was 13.8k instead of 16.7k images/s on an H100).
+  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_train.py [--out OUT] [--cache] [--echo 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import os
 import statistics
@@ -31,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from alexpipe.loader import train_loader
+from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, cache_gb_needed, train_loader
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
+from alexpipe.util import load_manifest, split_shards
 from bench_loader import endless, stream_rate, torchvision_loader
 from bench_prepare import DEFAULT_SRC, sample_shards
 
@@ -55,9 +55,79 @@ def rate(model, opt, batches, steps: int, warmup: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def median_rate(model, opt, batches, steps: int, repeats: int) -> float:
-    """The median of `repeats` timings (of the synthetic runs, which vary by < 1%)."""
-    return statistics.median(rate(model, opt, batches, steps, warmup=10) for _ in range(repeats))
+def epoch_rate(model, opt, loader) -> float:
+    """Images/s of one whole epoch, the reader's end-of-epoch drain included."""
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for x, y in loader:
+        train_step(model, x, y, opt, 0.01, scaler, torch.bfloat16)
+        n += len(y)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def parse_setting(text: str) -> tuple[int, int, float]:
+    """'4x4@1.0' -> (pipelines, threads, hw_decoder_load)."""
+    shape, _, load = text.partition("@")
+    pipes, threads = shape.split("x")
+    return int(pipes), int(threads), float(load or 1.0)
+
+
+def loader(out, b, setting, **kw):
+    pipes, threads, load = setting
+    return train_loader(out, b, device="gpu", dtype="bfloat16", verify=False, pipelines=pipes, num_threads=threads,
+                        hw_decoder_load=load, **kw)
+
+
+def model_and_ceiling(arch, b, steps, repeats):
+    torch.manual_seed(0)
+    model = alexnet(arch).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
+    compiled = torch.compile(model)
+    x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (b,), device="cuda")
+    rate(compiled, opt, itertools.repeat((x, y)), 1, warmup=30)  # compiles
+    ceiling = statistics.median(rate(compiled, opt, itertools.repeat((x, y)), steps, 10) for _ in range(repeats))
+    return compiled, opt, ceiling
+
+
+def fed_rates(compiled, opt, out, b, settings, echo, steps, repeats):
+    """(a) and (d) per setting (and echo), in interleaved rounds; medians and ranges."""
+    runs = {f"{p}x{t}@{h}": (s, 1) for s in settings for p, t, h in [s]}
+    if echo > 1:
+        p, t, h = settings[0]
+        runs[f"{p}x{t}@{h} echo {echo}"] = (settings[0], echo)
+    streams = {name: endless(loader(out, b, s, echo=k)) for name, (s, k) in runs.items()}
+    a, d = {n: [] for n in runs}, {n: [] for n in runs}
+    for _ in range(repeats):
+        for name, stream in streams.items():
+            a[name].append(rate(compiled, opt, stream, steps, warmup=10))
+            d[name].append(stream_rate(stream, steps, warmup=10))
+    del streams, stream
+    gc.collect()
+    return a, d
+
+
+def cache_epochs(compiled, opt, out, b, setting, ceiling):
+    """Epoch rates without a cache, with all of the set cached and with half of it."""
+    need = cache_gb_needed(split_shards(load_manifest(out), out, "train"), 0, 1)
+    rows = {}
+    for name, cache, gb in (("no cache", "off", None), ("cache, all", "gpu", None), ("cache, half", "gpu", need / 2)):
+        free0 = torch.cuda.mem_get_info()[0]
+        data = loader(out, b, setting, cache=cache, cache_gb=gb, fixed_share=True)
+        rows[name] = [epoch_rate(compiled, opt, data) for _ in range(3)]
+        used = (free0 - torch.cuda.mem_get_info()[0]) / 1e9
+        print(f"  {name:<12} epoch 1 {rows[name][0]:7.0f}, epochs 2-3 {rows[name][1]:7.0f} {rows[name][2]:7.0f} "
+              f"images/s = {rows[name][1] / ceiling:.2f} {rows[name][2] / ceiling:.2f} of (b); cache "
+              f"{data.cache_gb:.1f} GB (set needs {need:.1f}); GPU memory taken while loaded {used:.1f} GB", flush=True)
+        del data
+        gc.collect()
+    fill = rows["cache, all"][0] / rows["no cache"][0]
+    later = statistics.mean(rows["cache, all"][1:])
+    hours = (IMAGENET_TRAIN / rows["cache, all"][0] + 89 * IMAGENET_TRAIN / later) / 3600
+    print(f"  epoch 1 with the cache filling: {fill:.2f} of epoch 1 without; 90 ImageNet epochs at these rates "
+          f"(all cached): {hours:.2f} h on one GPU", flush=True)
 
 
 def main(argv=None) -> int:
@@ -67,65 +137,49 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--repeats", type=int, default=3, help="timings of (a) and (b), median reported")
+    p.add_argument("--repeats", type=int, default=3, help="timings of (a), (b), (d), median reported")
     p.add_argument("--archs", default="torchvision,paper")
-    p.add_argument("--pipelines", default="1,2", help="DALI pipelines per GPU for (a), each timed --repeats times")
+    p.add_argument("--loaders", default=f"{PIPELINES_GPU}x{THREADS_GPU}@1.0,2x8@0.65",
+                   help="loader settings for (a)/(d): pipelines x threads @ hw_decoder_load (first = default)")
+    p.add_argument("--echo", type=int, default=1, help="also time (a) with this echo, first loader setting")
+    p.add_argument("--baseline", action="store_true", help="also time (c)")
+    p.add_argument("--cache", action="store_true", help="also time whole epochs with the decoder cache")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_train: needs a CUDA GPU")
     cores = len(os.sched_getaffinity(0))
-    dev = torch.device("cuda")
+    settings = [parse_setting(s) for s in args.loaders.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
         b = args.batch_size
-        print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; batch {b}, bf16 autocast, channels_last, "
-              f"torch.compile, SGD; median of {args.repeats} x {args.steps} timed steps; "
-              f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset (8)')}")
+        n = load_manifest(out)["splits"]["train"]["count"]
+        print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; {n} samples, batch {b}, bf16 autocast, "
+              f"channels_last, torch.compile, fused SGD; median of {args.repeats} x {args.steps} timed steps; "
+              f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset (8)')}", flush=True)
         for arch in args.archs.split(","):
-            torch.manual_seed(0)
-            model = alexnet(arch).to(dev, memory_format=torch.channels_last)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-            compiled = torch.compile(model)
-            x = torch.randn(b, 3, 224, 224, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-            y = torch.randint(0, 1000, (b,), device=dev)
-            rate(compiled, opt, itertools.repeat((x, y)), 1, warmup=30)  # compiles
-            synthetic = median_rate(compiled, opt, itertools.repeat((x, y)), args.steps, args.repeats)
-            # one loader per count, timed in interleaved rounds, so drift over the run (single
-            # loader-fed timings on an H100 varied by up to 30%) hits every count alike
-            counts = [int(c) for c in args.pipelines.split(",")]
-            streams = {c: endless(train_loader(out, b, device="gpu", dtype="bfloat16", verify=False, pipelines=c))
-                       for c in counts}
-            timings, alone = {c: [] for c in counts}, {c: [] for c in counts}
-            for _ in range(args.repeats):
-                for c, stream in streams.items():
-                    timings[c].append(rate(compiled, opt, stream, args.steps, warmup=10))
-                    alone[c].append(stream_rate(stream, args.steps, warmup=10))
-            ours = {c: statistics.median(t) for c, t in timings.items()}
-            del streams, stream
-
-            def tv_batches():
-                for images, labels in torchvision_loader(out, b, cores):
-                    yield (images.to(dev, non_blocking=True).to(torch.bfloat16, memory_format=torch.channels_last),
-                           labels.to(dev, non_blocking=True))
-            tv = tv_batches()
-            # untimed: the 2 x cores batches the workers have ready after their first round (with 4
-            # untimed, 30 timed steps varied from 2.5k to 5.3k images/s on one H100 host)
-            baseline = rate(compiled, opt, tv, max(40, args.steps // 2), warmup=2 * cores)
-            tv.close()  # shuts its worker processes down before the next measurement
-            print(f"\n{arch} AlexNet")
-            for pipelines, a in ours.items():
-                print(f"  (a) alexpipe loader, {pipelines} pipeline{'s' if pipelines > 1 else ' '}        {a:8.0f} images/s   "
-                      f"(a)/(b) = {a / synthetic:.2f}   (a)/(c) = {a / baseline:.1f}   "
-                      f"(timings {min(timings[pipelines]):.0f}-{max(timings[pipelines]):.0f})")
-            print(f"  (b) synthetic GPU tensors (ceiling)    {synthetic:8.0f} images/s")
-            print(f"  (c) webdataset+PIL+torchvision, {cores:2d} workers {baseline:7.0f} images/s")
-            for c, t in alone.items():
-                d = statistics.median(t)
-                print(f"  (d) alexpipe loader alone, {c} pipeline{'s' if c > 1 else ' '}   {d:8.0f} images/s   "
-                      f"(d)/(b) = {d / synthetic:.2f}   (timings {min(t):.0f}-{max(t):.0f})")
-            h1 = 90 * IMAGENET_TRAIN / ours[counts[-1]] / 3600
-            print(f"  projected 90 ImageNet epochs with {counts[-1]} pipelines: {h1:.2f} h on 1 GPU; "
-                  f"{h1 / 8 / 0.9:.2f} h on 8 (projection, assuming 0.9 scaling efficiency)")
+            compiled, opt, ceiling = model_and_ceiling(arch, b, args.steps, args.repeats)
+            print(f"\n{arch} AlexNet\n  (b) synthetic GPU tensors (ceiling)  {ceiling:8.0f} images/s", flush=True)
+            a, d = fed_rates(compiled, opt, out, b, settings, args.echo, args.steps, args.repeats)
+            for name in a:
+                am, dm = statistics.median(a[name]), statistics.median(d[name])
+                print(f"  (a) loader {name:<20} {am:8.0f} images/s = {am / ceiling:.2f} of (b) "
+                      f"(timings {min(a[name]):.0f}-{max(a[name]):.0f});  (d) alone {dm:8.0f} = {dm / ceiling:.2f} "
+                      f"of (b)", flush=True)
+            first = statistics.median(a[next(iter(a))])
+            print(f"  projected 90 ImageNet epochs, {args.loaders.split(',')[0]}, no cache: "
+                  f"{90 * IMAGENET_TRAIN / first / 3600:.2f} h on one GPU", flush=True)
+            if args.baseline:
+                tv = (
+                    (x.cuda(non_blocking=True).to(torch.bfloat16, memory_format=torch.channels_last), y.cuda())
+                    for x, y in torchvision_loader(out, b, cores))
+                base = rate(compiled, opt, tv, max(40, args.steps // 2), warmup=2 * cores)
+                tv.close()  # shuts its worker processes down before the next measurement
+                print(f"  (c) webdataset+PIL+torchvision, {cores} workers {base:7.0f} images/s; (a)/(c) = "
+                      f"{first / base:.1f}", flush=True)
+            if args.cache:
+                cache_epochs(compiled, opt, out, b, settings[0], ceiling)
+            del compiled, opt
+            gc.collect()
     return 0
 
 

@@ -1,0 +1,64 @@
+"""Where CUDA is: DALI's GPU decoder cache against the uncached GPU loader, bit for bit, over
+epochs, ranks, a full and a partial cache, and a resume. (Skipped on machines without a GPU;
+the layout these rely on, one fixed share per rank, is tested on the CPU in test_loader.py.)"""
+
+from __future__ import annotations
+
+import gc
+from collections import Counter
+
+import pytest
+import torch
+
+from alexpipe.loader import train_loader
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def epochs_of(out, epochs=3, state=None, **kw):
+    """Every batch of `epochs` epochs (labels, images on the CPU), and the loader's state after
+    the first; the loader is gone on return, and with it DALI's cache for this GPU."""
+    loader = train_loader(out, batch_size=8, device="gpu", dtype="float32", pipelines=2, initial_fill=16,
+                          state=state, **kw)
+    result, first_state = [], None
+    for e in range(epochs):
+        result.append([(y.cpu(), x.cpu()) for x, y in loader])
+        first_state = first_state or loader.state_dict()
+    del loader
+    gc.collect()
+    return result, first_state
+
+
+def equal(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(ya, yb) and torch.equal(xa, xb) for (ya, xa), (yb, xb) in zip(a, b))
+
+
+@pytest.mark.parametrize("cache_gb", [None, 0.02])  # all of the ~40 MB share, or about half of it
+def test_cached_batches_equal_uncached_bit_for_bit(unique_out, cache_gb):
+    plain, _ = epochs_of(unique_out, cache="off", fixed_share=True)
+    cached, _ = epochs_of(unique_out, cache="gpu", cache_gb=cache_gb)
+    assert all(equal(a, b) for a, b in zip(plain, cached))
+    assert not equal(plain[0], plain[1])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("cache_gb", [None, 0.01])
+def test_cached_epochs_count_exactly_over_ranks(unique_out, world, cache_gb):
+    lengths, seen = set(), Counter()
+    for r in range(world):
+        loader = train_loader(unique_out, batch_size=8, device="gpu", rank=r, world_size=world, pipelines=2,
+                              cache="gpu", cache_gb=cache_gb, initial_fill=16)
+        lengths.add(len(loader))
+        epochs = [[label for _, y in loader for label in y.tolist()] for _ in range(3)]
+        assert all(len(set(e)) == len(e) == len(loader) * 8 for e in epochs)
+        assert set(epochs[1]) | set(epochs[2]) <= set(epochs[0]) | set(epochs[1])  # within the rank's share
+        seen.update(epochs[0])
+        del loader
+        gc.collect()
+    assert len(lengths) == 1 and set(seen.values()) == {1} and 150 - world * 2 * 8 < sum(seen.values()) <= 150
+
+
+def test_resume_with_a_cache_continues_exactly(unique_out):
+    straight, state = epochs_of(unique_out, cache="gpu")
+    resumed, _ = epochs_of(unique_out, epochs=2, state=state, cache="gpu")  # the cache refills in epoch 2
+    assert equal(resumed[0], straight[1]) and equal(resumed[1], straight[2])
