@@ -370,7 +370,7 @@ def train_loader(out, batch_size: int = 256, *, split: str = "train", device: st
         return train_pipeline(layout.shards, device, shard_id, num_shards, pca["mean"], pca["std"], pca["eigval"],
                               pca["eigvec"], lighting=lighting, crop=crop, dtype=DTYPES[dtype][0],
                               layout="HWC" if channels_last else "CHW", initial_fill=initial_fill,
-                              shuffle_seed=seed, hw_decoder_load=hw_decoder_load, cache_mb=math.ceil(cache_gb_used * 1e3),
+                              shuffle_seed=seed, hw_decoder_load=hw_decoder_load, cache_mb=math.ceil(cache_gb_used * 1e9 / 2**20),
                               echo=echo, batch_size=batch_size, seed=seed * 100_003 + shard_id,
                               prefetch_queue_depth=prefetch, checkpoint=checkpoint, **kw)
 

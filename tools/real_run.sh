@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A short real training run on real ImageNet images: the torchvision AlexNet memorises them.
-#   bash tools/real_run.sh JPEG_DIR WORK [REPEAT] [EPOCHS]
+#   bash tools/real_run.sh JPEG_DIR WORK [REPEAT] [EPOCHS] [alexpipe-train options...]
 # JPEG_DIR holds files named <wnid>_*.JPEG (as ../shared/data/imagenet-sample, one per
 # class). The train split holds every image REPEAT times (each copy gets its own random
 # crops), val each image once, in wnid class folders, so val top-1 is the train accuracy.
 set -euo pipefail
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader overlaps the model (README: alexpipe-train)
-src=$1; work=$2; repeat=${3:-40}; epochs=${4:-25}
+src=$1; work=$2; repeat=${3:-40}; epochs=${4:-25}; shift $(($# < 4 ? $# : 4))
 rm -rf "$work"
 python3 - "$src" "$work/src" "$repeat" <<'PY'
 import os, sys
@@ -23,5 +23,7 @@ set -x
 alexpipe-prepare "$work/src" "$work/out" --shard-size 2000
 alexpipe-pca "$work/out"
 alexpipe-preview "$work/out" --png "$work/preview.png"
-alexpipe-train "$work/out" --arch torchvision --epochs "$epochs" --batch-size 256 --run-dir "$work/run"
+alexpipe-train "$work/out" --arch torchvision --epochs "$epochs" --batch-size 256 --run-dir "$work/run" "$@"
 alexpipe-eval "$work/run/checkpoint.pt" "$work/out" --json "$work/run/eval.json"
+# the paper's Figure 4, right: each val image, itself (distance 0), then its nearest others
+alexpipe-neighbors "$work/run/checkpoint.pt" "$work/out" --query val --pool val
