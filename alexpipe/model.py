@@ -24,30 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .lrn import local_response_norm
 from .util import UserError, imagenet_classes
 
 ARCHS = ("paper", "torchvision")
 # What torchvision's ImageNet weights were trained with (0..1 values x 255).
 TORCHVISION_NORMALIZE = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
-def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
-                        groups: int = 1) -> torch.Tensor:
-    """The paper's response normalization, b_i = a_i / (k + alpha * sum_j a_j^2)^beta, the sum
-    over the `size` maps centred on i (clipped at the ends) within each of `groups` channel
-    groups. Written as shifted slices of one padded tensor, so that torch.compile fuses the
-    pass (and autograd's backward) into a few elementwise kernels instead of torch's
-    avg_pool3d over a 5-D copy; computed in at least float32 (bf16 squares lose the sum)."""
-    n, c, h, w = x.shape
-    per = c // groups
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    squares = wide.square().reshape(n, groups, per, h, w)  # a view, also in channels_last memory
-    padded = torch.nn.functional.pad(squares, (0, 0, 0, 0, size // 2, (size - 1) // 2))
-    window = sum(padded[:, :, i:i + per] for i in range(size))
-    scale = (k + alpha * window).pow(-beta).reshape(n, c, h, w)
-    return (wide * scale).to(x.dtype)
-
-
 class LRN(nn.Module):
-    """local_response_norm as a layer (the paper's n=5, alpha=1e-4, beta=0.75, k=2)."""
+    """lrn.local_response_norm as a layer (the paper's n=5, alpha=1e-4, beta=0.75, k=2)."""
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1):
         super().__init__()

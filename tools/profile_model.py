@@ -1,11 +1,13 @@
 """Where an AlexNet training step spends its GPU time, and what the optimizer set-up costs.
 
 For each arch: every layer timed alone, forward + backward, on inputs of its real shape
-(batch --batch-size, bf16 autocast, channels_last), in eager mode and (LRN, pooling)
-compiled on its own, with its FLOPs and achieved TFLOP/s; the paper arch's LRN also as torch.nn.LocalResponseNorm
-(what alexpipe used before). Then whole-model training steps on synthetic data (compiled):
-SGD foreach (torch's default), fused, with --graphs fused + CUDA graphs (torch.compile
-mode "reduce-overhead"), and for the paper arch the old LRN. Needs a CUDA GPU; no DALI.
+(batch --batch-size, bf16 autocast, channels_last, cudnn.benchmark), in eager mode and
+(LRN, pooling) compiled on its own, with its FLOPs and achieved TFLOP/s; the paper arch's LRN
+(alexpipe's Triton kernels) also as torch.nn.LocalResponseNorm. Then whole-model training
+steps on synthetic data (compiled): SGD foreach (torch's default) and fused with cuDNN's
+heuristics, fused with cudnn.benchmark (as alexpipe-train runs), with --graphs + CUDA graphs
+(torch.compile mode "reduce-overhead"), and for the paper arch torch's LRN. Needs a CUDA
+GPU; no DALI.
 
   python tools/profile_model.py [--archs paper,torchvision] [--batch-size 256]
 """
@@ -22,19 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alexpipe.lrn import lrn_reference
 from alexpipe.model import LRN, alexnet
 
 
 class TorchLRN(nn.Module):
-    """The LRN alexpipe had before: torch's LocalResponseNorm (alpha scaled by size), per group."""
+    """The paper's LRN by torch ops (torch's local_response_norm per group), as alexpipe had it."""
 
     def __init__(self, groups: int = 1):
         super().__init__()
-        self.groups, self.norm = groups, nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+        self.groups = groups
 
     def forward(self, x):
-        n, c, h, w = x.shape
-        return self.norm(x.reshape(n * self.groups, c // self.groups, h, w)).reshape(n, c, h, w)
+        return lrn_reference(x, groups=self.groups)
 
 
 def cuda_ms(fn, iters: int = 20, warmup: int = 5) -> float:
@@ -59,8 +61,8 @@ def flops(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 0.0
 
 
-def layer_step(layer: nn.Module, x: torch.Tensor):
-    x = x.detach().requires_grad_()
+def layer_step(layer: nn.Module, x: torch.Tensor, first: bool = False):
+    x = x.detach().requires_grad_(not first)  # the images need no gradient
 
     def step():
         with torch.autocast("cuda", torch.bfloat16):
@@ -76,7 +78,7 @@ def layer_table(arch: str, b: int) -> None:
     layers += [(f"classifier.{i}", m) for i, m in enumerate(model.classifier)]
     x = torch.randn(b, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     rows, total = [], [0.0, 0.0]
-    for name, layer in layers:
+    for index, (name, layer) in enumerate(layers):
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
             y = layer(x)
         if isinstance(layer, (nn.ReLU, nn.Dropout)):
@@ -85,10 +87,10 @@ def layer_table(arch: str, b: int) -> None:
         if isinstance(layer, LRN):
             variants.append((f"{name} as torch.nn.LocalResponseNorm", TorchLRN(layer.groups).cuda()))
         for label, mod in variants:
-            eager = cuda_ms(layer_step(mod, x))
+            eager = cuda_ms(layer_step(mod, x, index == 0))
             # cuDNN and cuBLAS run the same kernels compiled or not: compile only what inductor writes
             fusible = isinstance(mod, (LRN, TorchLRN, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
-            compiled = cuda_ms(layer_step(torch.compile(mod), x)) if fusible else eager
+            compiled = cuda_ms(layer_step(torch.compile(mod), x, index == 0)) if fusible else eager
             f = flops(mod, x, y)
             rows.append((label, mod.__class__.__name__, tuple(y.shape[1:]), f, eager, compiled))
             if label == name:
@@ -104,7 +106,9 @@ def layer_table(arch: str, b: int) -> None:
           f"{b / total[1] * 1e3:.0f} images/s compiled layer by layer")
 
 
-def step_rate(arch: str, b: int, fused: bool, mode: str = "default", old_lrn: bool = False) -> float:
+def step_rate(arch: str, b: int, fused: bool, mode: str = "default", old_lrn: bool = False,
+              benchmark: bool = True) -> float:
+    torch.backends.cudnn.benchmark = benchmark
     torch.manual_seed(0)
     model = alexnet(arch)
     if old_lrn:
@@ -146,20 +150,23 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         sys.exit("profile_model: needs a CUDA GPU")
     print(torch.cuda.get_device_name(), torch.__version__)
+    torch.backends.cudnn.benchmark = True
     archs = args.archs.split(",")
     if not args.no_layers:
         for arch in archs:
             layer_table(arch, args.batch_size)
     print(f"\nwhole training steps on synthetic data, compiled, batch {args.batch_size} (median of 3 x 100 steps):")
     for arch in archs:
-        setups = [("SGD foreach", False, "default", False), ("SGD fused", True, "default", False)]
+        setups = [("SGD foreach, cudnn heuristics", False, "default", False, False),
+                  ("SGD fused, cudnn heuristics", True, "default", False, False),
+                  ("SGD fused, cudnn.benchmark (alexpipe-train)", True, "default", False, True)]
         if args.graphs:
-            setups.append(("SGD fused + CUDA graphs", True, "reduce-overhead", False))
+            setups.append(("SGD fused + CUDA graphs", True, "reduce-overhead", False, True))
         if arch == "paper":
-            setups.append(("SGD fused, torch.nn.LocalResponseNorm", True, "default", True))
+            setups.append(("as alexpipe-train, LRN by torch.nn.LocalResponseNorm", True, "default", True, True))
         base = None
-        for label, fused, mode, old in setups:
-            r = step_rate(arch, args.batch_size, fused, mode, old)
+        for label, fused, mode, old, benchmark in setups:
+            r = step_rate(arch, args.batch_size, fused, mode, old, benchmark)
             base = base or r
             print(f"  {arch:<12} {label:<40} {r:8.0f} images/s  {r / base:5.2f}x", flush=True)
     return 0
