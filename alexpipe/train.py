@@ -242,7 +242,6 @@ def train(cfg: TrainConfig) -> list[dict]:
     random.seed(cfg.seed + d.rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not cfg.deterministic  # fixed shapes: time cuDNN's algorithms once
     manifest = load_manifest(cfg.out)
     num_classes = len(manifest["classes"])
     identity = {"manifest_sha256": manifest_sha256(cfg.out), "pca_sha256": sha256_file(cfg.out / "pca.json")

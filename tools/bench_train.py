@@ -81,7 +81,6 @@ def loader(out, b, setting, **kw):
 
 
 def model_and_ceiling(arch, b, steps, repeats):
-    torch.backends.cudnn.benchmark = True  # as alexpipe-train
     torch.manual_seed(0)
     model = alexnet(arch).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)

@@ -1,13 +1,11 @@
 """Where an AlexNet training step spends its GPU time, and what the optimizer set-up costs.
 
 For each arch: every layer timed alone, forward + backward, on inputs of its real shape
-(batch --batch-size, bf16 autocast, channels_last, cudnn.benchmark), in eager mode and
-(LRN, pooling) compiled on its own, with its FLOPs and achieved TFLOP/s; the paper arch's LRN
-(alexpipe's Triton kernels) also as torch.nn.LocalResponseNorm. Then whole-model training
-steps on synthetic data (compiled): SGD foreach (torch's default) and fused with cuDNN's
-heuristics, fused with cudnn.benchmark (as alexpipe-train runs), with --graphs + CUDA graphs
-(torch.compile mode "reduce-overhead"), and for the paper arch torch's LRN. Needs a CUDA
-GPU; no DALI.
+(batch --batch-size, bf16 autocast, channels_last; no input gradient for the first layer),
+in eager mode and (LRN, pooling) compiled on its own, with its FLOPs and achieved TFLOP/s.
+Then whole-model training steps on synthetic data (compiled): SGD foreach (torch's default)
+and fused, each with cuDNN's heuristics and with cudnn.benchmark, and with --graphs fused +
+CUDA graphs (torch.compile mode "reduce-overhead"). Needs a CUDA GPU; no DALI.
 
   python tools/profile_model.py [--archs paper,torchvision] [--batch-size 256]
 """
@@ -24,19 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexpipe.lrn import lrn_reference
 from alexpipe.model import LRN, alexnet
-
-
-class TorchLRN(nn.Module):
-    """The paper's LRN by torch ops (torch's local_response_norm per group), as alexpipe had it."""
-
-    def __init__(self, groups: int = 1):
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x):
-        return lrn_reference(x, groups=self.groups)
 
 
 def cuda_ms(fn, iters: int = 20, warmup: int = 5) -> float:
@@ -83,13 +69,10 @@ def layer_table(arch: str, b: int) -> None:
             y = layer(x)
         if isinstance(layer, (nn.ReLU, nn.Dropout)):
             layer = type(layer)()  # not in place: the timed input must stay as it is
-        variants = [(name, layer)]
-        if isinstance(layer, LRN):
-            variants.append((f"{name} as torch.nn.LocalResponseNorm", TorchLRN(layer.groups).cuda()))
-        for label, mod in variants:
+        for label, mod in [(name, layer)]:
             eager = cuda_ms(layer_step(mod, x, index == 0))
             # cuDNN and cuBLAS run the same kernels compiled or not: compile only what inductor writes
-            fusible = isinstance(mod, (LRN, TorchLRN, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
+            fusible = isinstance(mod, (LRN, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
             compiled = cuda_ms(layer_step(torch.compile(mod), x, index == 0)) if fusible else eager
             f = flops(mod, x, y)
             rows.append((label, mod.__class__.__name__, tuple(y.shape[1:]), f, eager, compiled))
@@ -106,14 +89,10 @@ def layer_table(arch: str, b: int) -> None:
           f"{b / total[1] * 1e3:.0f} images/s compiled layer by layer")
 
 
-def step_rate(arch: str, b: int, fused: bool, mode: str = "default", old_lrn: bool = False,
-              benchmark: bool = True) -> float:
+def step_rate(arch: str, b: int, fused: bool, mode: str = "default", benchmark: bool = False) -> float:
     torch.backends.cudnn.benchmark = benchmark
     torch.manual_seed(0)
-    model = alexnet(arch)
-    if old_lrn:
-        model.features = nn.Sequential(*[TorchLRN(m.groups) if isinstance(m, LRN) else m for m in model.features])
-    model = model.cuda().to(memory_format=torch.channels_last)
+    model = alexnet(arch).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=fused)
     compiled = torch.compile(model, mode=mode)
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
@@ -150,23 +129,19 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         sys.exit("profile_model: needs a CUDA GPU")
     print(torch.cuda.get_device_name(), torch.__version__)
-    torch.backends.cudnn.benchmark = True
     archs = args.archs.split(",")
     if not args.no_layers:
         for arch in archs:
             layer_table(arch, args.batch_size)
     print(f"\nwhole training steps on synthetic data, compiled, batch {args.batch_size} (median of 3 x 100 steps):")
     for arch in archs:
-        setups = [("SGD foreach, cudnn heuristics", False, "default", False, False),
-                  ("SGD fused, cudnn heuristics", True, "default", False, False),
-                  ("SGD fused, cudnn.benchmark (alexpipe-train)", True, "default", False, True)]
+        setups = [("SGD foreach", False, "default", False), ("SGD fused (alexpipe-train)", True, "default", False),
+                  ("SGD fused, cudnn.benchmark", True, "default", True)]
         if args.graphs:
-            setups.append(("SGD fused + CUDA graphs", True, "reduce-overhead", False, True))
-        if arch == "paper":
-            setups.append(("as alexpipe-train, LRN by torch.nn.LocalResponseNorm", True, "default", True, True))
+            setups.append(("SGD fused + CUDA graphs", True, "reduce-overhead", False))
         base = None
-        for label, fused, mode, old, benchmark in setups:
-            r = step_rate(arch, args.batch_size, fused, mode, old, benchmark)
+        for label, fused, mode, benchmark in setups:
+            r = step_rate(arch, args.batch_size, fused, mode, benchmark)
             base = base or r
             print(f"  {arch:<12} {label:<40} {r:8.0f} images/s  {r / base:5.2f}x", flush=True)
     return 0
