@@ -449,9 +449,11 @@ def prepare(cfg: PrepareConfig) -> dict:
                 "labels": labelling}
     manifest_path = cfg.out / MANIFEST
     old = read_json(manifest_path, "manifest") if manifest_path.exists() else None
-    if old is not None and (old.get("settings") != settings or old.get("classes") != classes):
-        raise UserError(f"{manifest_path}: OUT was prepared with other settings or classes "
-                        f"({old.get('settings')}); use a new OUT")
+    as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples read back as lists
+    if old is not None and (old.get("settings") != settings or old.get("classes") != as_json(classes)):
+        what = "settings" if old.get("settings") != settings else "classes"
+        raise UserError(f"{manifest_path}: OUT was prepared with other {what} "
+                        f"({old.get('settings') if what == 'settings' else 'another class list'}); use a new OUT")
     if labelling == "imagenet":
         print(f"labels: standard ILSVRC-2012 indices ({len({i.wnid for its in items.values() for i in its})} "
               f"of the 1000 classes present)")

@@ -261,6 +261,24 @@ def test_rerun_into_out_of_another_job_is_refused(synth_tree, synth_out, tmp_pat
     assert "another run" in capsys.readouterr().err
 
 
+def test_splits_are_added_one_at_a_time_and_a_finished_job_reruns_as_a_no_op(synth_tree, synth_out, tmp_path):
+    """train, then val into the same OUT: one manifest with both, shards equal to a two-split
+    run's; the same commands again change no file (bytes or times)."""
+    out = tmp_path / "o"
+    common = ["--shard-size", "16", "--workers", "2"]
+    for split in ("train", "val"):
+        assert prep.main([str(synth_tree), str(out), "--split", split, *common]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    both = json.loads((synth_out / "manifest.json").read_text())
+    assert manifest["splits"] == both["splits"] and manifest["classes"] == both["classes"]
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*.tar")}
+    assert len(files) == len(both["splits"]["train"]["shards"]) + len(both["splits"]["val"]["shards"])
+    for split in ("train", "val", "both"):
+        assert prep.main([str(synth_tree), str(out), "--split", split, *common]) == 0
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*.tar")} == files
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
 def test_verify_accepts_good_and_names_corrupt_shard(synth_out, tmp_path, capsys):
     assert prep.main(["--verify", str(synth_out), "--workers", "2"]) == 0
     bad = tmp_path / "bad"
