@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from nvidia.dali import types
 
+from .pca import check_sums
 from .pipeline import eval_pipeline, train_pipeline
 from .util import (UserError, check_shards, load_manifest, manifest_sha256, read_json, run_main,
                    split_shards)
@@ -46,13 +47,15 @@ DTYPES = {"float16": (types.FLOAT16, torch.float16), "bfloat16": (types.FLOAT16,
 
 
 def load_pca(out: Path) -> dict:
-    """OUT/pca.json, refused if it was computed for other shards than OUT's manifest."""
+    """OUT/pca.json, refused if it was computed for other shards than OUT's manifest or its
+    numbers do not follow from its own sums."""
     path = Path(out) / "pca.json"
     if not path.exists():
         raise UserError(f"{path}: not found (run alexpipe-pca {out})")
     pca = read_json(path, "pca.json")
     if pca.get("manifest_sha256") != manifest_sha256(out):
         raise UserError(f"{path}: computed for other shards than {Path(out) / 'manifest.json'} (rerun alexpipe-pca)")
+    check_sums(pca, path)
     return pca
 
 

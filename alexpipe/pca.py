@@ -77,6 +77,23 @@ def statistics(row) -> dict:
             "eigval": eigval.tolist(), "eigvec": eigvec.tolist()}
 
 
+def check_sums(result: dict, path) -> None:
+    """Refuse a pca.json whose mean, std, covariance or eigen-decomposition do not follow from
+    the exact sums it records (an edited or damaged file): they are recomputed here. Mean,
+    std and covariance are exact functions of the sums; eigenpairs may differ in the last
+    bits between LAPACK builds, hence the tolerance."""
+    try:
+        sums = result["sums"]
+        row = [0, int(sums["pixels"]), *map(int, sums["s"]), *map(int, sums["rr_rg_rb_gg_gb_bb"])]
+        want = statistics(np.array(row, dtype=object))
+        for key, rtol in (("mean", 1e-12), ("std", 1e-12), ("cov", 1e-12), ("eigval", 1e-9), ("eigvec", 1e-6)):
+            if not np.allclose(result[key], want[key], rtol=rtol, atol=rtol * 1e-3):
+                raise UserError(f"{path}: its {key} does not follow from its own sums (edited or damaged; "
+                                f"rerun alexpipe-pca)")
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not an alexpipe-pca result ({type(e).__name__}: {e}; rerun alexpipe-pca)") from None
+
+
 def jackknife(groups: np.ndarray) -> dict:
     """Delete-one-group jackknife standard errors of mean, std and eigval."""
     total = groups.sum(0)

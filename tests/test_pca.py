@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from alexpipe import pca
@@ -185,3 +186,31 @@ def test_bad_input_names_the_problem(how, synth_out, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "img/s" not in line and line.strip()]
     assert len(err) == 1 and err[0].startswith("alexpipe-pca: error: ") and expect in err[0], err
     assert not (out / "pca.json").exists()
+
+
+@pytest.mark.parametrize("edit", ["eigval", "mean", "sums"])
+def test_edited_statistics_are_refused_by_train_and_eval(edit, unique_out, tmp_path, capsys):
+    """pca.json records the exact sums its numbers come from: a file whose numbers no longer
+    follow from them (first eigenvalue or a mean raised by 1%, or a sum changed) is refused by
+    alexpipe-train and alexpipe-eval with one line naming it, exit 2."""
+    from alexpipe import eval as eval_mod
+    from alexpipe import train
+    from alexpipe.model import alexnet
+    out = tmp_path / "out"
+    shutil.copytree(unique_out, out)
+    path = out / "pca.json"
+    r = json.loads(path.read_text())
+    if edit == "sums":
+        r["sums"]["s"][0] = str(int(r["sums"]["s"][0]) + 10 ** 6)
+    else:
+        r[edit][0] *= 1.01
+    path.write_text(json.dumps(r))
+    torch.save(alexnet("torchvision", 150).state_dict(), tmp_path / "w.pth")
+    runs = [lambda: train.main([str(out), "--device", "cpu", "--epochs", "1", "--batch-size", "16",
+                                "--run-dir", str(tmp_path / "run")]),
+            lambda: eval_mod.main([str(tmp_path / "w.pth"), str(out), "--device", "cpu"])]
+    for run_ in runs:
+        assert run_() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{path}: its " in err[0] and "does not follow from its own sums" in err[0]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
