@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ from .loader import eval_loader
 from .model import load_for_eval
 from .pipeline import TEN_CROPS
 from .prepare import load_resized
-from .util import UserError, config_dict, iter_samples, load_manifest, run_main, split_shards, write_json
+from .util import (Help, UserError, config_dict, iter_samples, load_manifest, manifest_sha256, run_main, split_shards,
+                   write_json)
 
 
 def crop_probabilities(model, images: torch.Tensor) -> torch.Tensor:
@@ -227,27 +229,39 @@ def summary(cfg: EvalConfig, r: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv) -> EvalConfig:
-    p = argparse.ArgumentParser(prog="alexpipe-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alexpipe-eval", formatter_class=Help,
                                 description="Center-crop and the paper's ten-crop evaluation of an AlexNet "
                                             "(alexpipe-train checkpoint or torchvision state_dict) on prepared "
                                             "shards; run under torchrun for several GPUs.")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="alexpipe-train checkpoint or torchvision AlexNet state_dict")
     p.add_argument("out", type=Path, help="prepared directory (shards, manifest.json, pca.json)")
-    p.add_argument("--split", default="val")
-    p.add_argument("--crops", default="both", choices=["center", "ten", "both"])
-    p.add_argument("--full-image", action="store_true",
+    p.add_argument("--split", default="val", help="the split to evaluate")
+    p.add_argument("--crops", default="both", choices=["center", "ten", "both"], help="center crop, the paper's ten "
+                   "crops, or both")
+    p.add_argument("--full-image", action=argparse.BooleanOptionalAction, default=False,
                    help="ten-crop corners of the whole short-side-256 image, not of its central 256x256 square")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="(default: cuda if a GPU is visible, "
+                   "else cpu)")
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="crops per forward pass per rank")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--workers", type=int, default=None, help="DALI threads per rank")
-    p.add_argument("--json", type=Path, default=None, help="write the numbers and per-class accuracy here")
-    p.add_argument("--figures", type=Path, default=None, help="where to write filters.png and predictions.png "
-                   "(default: the checkpoint's folder)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--workers", type=int, default=None, help="DALI threads per rank (default: 4 on a GPU, "
+                   "the cores on CPU)")
+    p.add_argument("--json", type=Path, default=None, help="write the numbers and per-class accuracy here "
+                   "(default: not written)")
+    p.add_argument("--figures", type=Path, default=None, help="where to write filters.png and "
+                   "predictions-<split>-<dataset id>.png (default: the checkpoint's folder)")
+    return p
+
+
+def parse_args(argv) -> EvalConfig:
+    p = parser()
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.workers is not None and args.workers < 1):
         raise UserError("--batch-size and --workers must be >= 1")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     return EvalConfig(**vars(args))
@@ -262,11 +276,12 @@ def _main(argv) -> int:
             info, model = r["info"], r["model"]
             figures = cfg.figures or cfg.checkpoint.parent
             figures.mkdir(parents=True, exist_ok=True)
-            filters_image(model).save(figures / "filters.png")
+            filters_image(model).save(figures / "filters.png")  # the checkpoint's alone: the same for any shards
             amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
             fig = predictions_image(model, info, cfg.out, cfg.split, next(model.parameters()).device, amp)
-            fig.savefig(figures / "predictions.png", dpi=110)
-            print(f"wrote {figures / 'filters.png'} and {figures / 'predictions.png'}")
+            predictions = figures / f"predictions-{cfg.split}-{manifest_sha256(cfg.out)[:8]}.png"
+            fig.savefig(predictions, dpi=110)
+            print(f"wrote {figures / 'filters.png'} and {predictions}")
             if cfg.json:
                 classes = info["classes"]
                 out = {"checkpoint": str(cfg.checkpoint), "out": str(cfg.out), "split": cfg.split,
@@ -290,34 +305,47 @@ def main(argv=None) -> int:
 
 # ---------------------------------------------------------------------------- predict
 
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alexpipe-predict", formatter_class=Help,
+                                description="Top-5 classes of image files, with the ten-crop preprocessing of "
+                                            "alexpipe-eval. An unreadable file is reported and skipped (exit 1).")
+    p.add_argument("checkpoint", type=Path, help="alexpipe-train checkpoint or torchvision AlexNet state_dict")
+    p.add_argument("images", type=Path, nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="(default: cuda if a GPU is visible, "
+                   "else cpu)")
+    p.add_argument("--top", type=int, default=5, help="classes to show per image")
+    return p
+
+
+def predict(argv) -> int:
+    """Every readable image's top classes; the others named on stderr, exit 1 at the end."""
+    args = predict_parser().parse_args(argv)
+    d = dist.setup(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, info = load_for_eval(args.checkpoint)
+    model = model.to(d.device)
+    failed = 0
+    for path in args.images:
+        try:
+            img, _ = load_resized(path, center_crop=False)
+        except FileNotFoundError:
+            print(f"alexpipe-predict: {path}: not found", file=sys.stderr)
+            failed += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - whatever PIL says about it
+            print(f"alexpipe-predict: {path}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
+            failed += 1
+            continue
+        probs, top = predict_images(model, [np.asarray(img)], info["normalize"], d.device, None, args.top)
+        print(path)
+        for c in top[0]:
+            print(f"  {float(probs[0, c]):6.3f}  {class_name(info['classes'], int(c))}")
+    if failed:
+        print(f"alexpipe-predict: {failed} of {len(args.images)} files could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def predict_main(argv=None) -> int:
-    def body(argv):
-        p = argparse.ArgumentParser(prog="alexpipe-predict", description="Top-5 classes of image files, with the "
-                                    "ten-crop preprocessing of alexpipe-eval.")
-        p.add_argument("checkpoint", type=Path)
-        p.add_argument("images", type=Path, nargs="+")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-        p.add_argument("--top", type=int, default=5)
-        args = p.parse_args(argv)
-        d = dist.setup(args.device)
-        model, info = load_for_eval(args.checkpoint)
-        model = model.to(d.device)
-        decoded = []
-        for path in args.images:
-            if not path.is_file():
-                raise UserError(f"{path}: not found")
-            try:
-                img, _ = load_resized(path, center_crop=False)
-            except Exception as e:  # noqa: BLE001 - whatever PIL says about it
-                raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-            decoded.append(np.asarray(img))
-        probs, top = predict_images(model, decoded, info["normalize"], d.device, None, args.top)
-        for path, p_row, t_row in zip(args.images, probs, top):
-            print(path)
-            for c in t_row:
-                print(f"  {float(p_row[c]):6.3f}  {class_name(info['classes'], int(c))}")
-        return 0
-    return run_main("alexpipe-predict", body, argv)
+    return run_main("alexpipe-predict", predict, argv)
 
 
 if __name__ == "__main__":

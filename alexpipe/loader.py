@@ -39,7 +39,7 @@ from nvidia.dali import types
 
 from .pca import check_sums
 from .pipeline import eval_pipeline, train_pipeline
-from .util import (UserError, check_shards, load_manifest, manifest_sha256, read_json, run_main,
+from .util import (Help, UserError, check_shards, load_manifest, manifest_sha256, read_json, run_main,
                    split_shards)
 
 DTYPES = {"float16": (types.FLOAT16, torch.float16), "bfloat16": (types.FLOAT16, torch.bfloat16),
@@ -434,15 +434,20 @@ def preview(out: Path, png: Path, n: int, seed: int, device: str) -> None:
     grid.save(png)
 
 
-def _main(argv) -> int:
-    p = argparse.ArgumentParser(prog="alexpipe-preview", description="Save what the network sees: a grid of "
-                                "augmented training crops (random crop, flip, PCA lighting), then one "
-                                "image's ten crops, de-normalized.")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alexpipe-preview", formatter_class=Help,
+                                description="Save what the network sees: a grid of augmented training crops (random "
+                                            "crop, flip, PCA lighting), then one image's ten crops, de-normalized.")
     p.add_argument("out", type=Path, help="prepared directory with pca.json")
-    p.add_argument("--png", type=Path, required=True, help="where to write the image")
+    p.add_argument("--png", type=Path, required=True, help="where to write the image (required)")
     p.add_argument("--n", type=int, default=16, help="training crops to show")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="gpu, cpu or auto")
+    p.add_argument("--seed", type=int, default=0, help="the crops drawn")
+    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="auto: gpu if one is visible")
+    return p
+
+
+def _main(argv) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")

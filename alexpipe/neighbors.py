@@ -37,7 +37,7 @@ from . import dist
 from .eval import class_name
 from .loader import eval_loader
 from .model import load_for_eval
-from .util import UserError, load_manifest, run_main, split_shards, write_json
+from .util import Help, UserError, load_manifest, manifest_sha256, run_main, split_shards, write_json
 
 MARGIN = 16  # candidates kept beyond k, so that the certificate rarely fails
 
@@ -278,9 +278,9 @@ def figure(queries: list[dict], cfg: NeighborsConfig, classes, rows: int = 8):
     return fig
 
 
-def parse_args(argv) -> NeighborsConfig:
+def parser() -> argparse.ArgumentParser:
     d = NeighborsConfig
-    p = argparse.ArgumentParser(prog="alexpipe-neighbors", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="alexpipe-neighbors", formatter_class=Help,
                                 description="The paper's Figure 4 (right): for query images, the pool images "
                                             "nearest in the last hidden layer (FC7 after ReLU, center crop); exact, "
                                             "on one GPU, several (torchrun) or the CPU.")
@@ -290,13 +290,21 @@ def parse_args(argv) -> NeighborsConfig:
     p.add_argument("--pool", default=d.pool, help="split searched for neighbours")
     p.add_argument("--k", type=int, default=d.k, help="neighbours per query")
     p.add_argument("--queries", type=int, default=d.queries, help="query images, chosen by --seed; 0 = all")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--seed", type=int, default=d.seed, help="which queries --queries picks")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="(default: cuda if a GPU is visible, "
+                   "else cpu)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass")
     p.add_argument("--chunk", type=int, default=d.chunk, help="pool samples per distance matmul")
-    p.add_argument("--json", type=Path, default=None, help="default: neighbors.json beside the checkpoint")
-    p.add_argument("--png", type=Path, default=None, help="default: neighbors.png beside the checkpoint")
-    args = p.parse_args(argv)
+    p.add_argument("--json", type=Path, default=None, help="the neighbours as JSON (default: "
+                   "neighbors-<query>-in-<pool>-<dataset id>.json beside the checkpoint)")
+    p.add_argument("--png", type=Path, default=None, help="the figure (default: the same name as the JSON, .png)")
+    return p
+
+
+def parse_args(argv) -> NeighborsConfig:
+    args = parser().parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in ("k", "batch_size", "chunk"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -311,8 +319,9 @@ def _main(argv) -> int:
         r = find(cfg)
         if r["queries"] is not None:
             queries = r["queries"]
-            json_path = cfg.json or cfg.checkpoint.parent / "neighbors.json"
-            png_path = cfg.png or cfg.checkpoint.parent / "neighbors.png"
+            name = f"neighbors-{cfg.query}-in-{cfg.pool}-{manifest_sha256(cfg.out)[:8]}"  # other shards: other files
+            json_path = cfg.json or cfg.checkpoint.parent / f"{name}.json"
+            png_path = cfg.png or json_path.with_suffix(".png")
             write_json(json_path, queries)
             fig = figure(queries, cfg, r["info"]["classes"])
             fig.savefig(png_path, dpi=100)

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .pipeline import READER, decoded_pipeline
-from .util import (UserError, check_shards, config_dict, default_workers, find_bad_sample, load_manifest,
+from .util import (Help, UserError, check_shards, config_dict, default_workers, find_bad_sample, load_manifest,
                    manifest_sha256, print_config, run_main, split_shards, write_json)
 
 GROUPS = 16  # jackknife groups: image ordinal mod 16
@@ -284,20 +284,27 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv) -> PCAConfig:
-    p = argparse.ArgumentParser(prog="alexpipe-pca", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alexpipe-pca", formatter_class=Help,
                                 description="Exact per-channel mean/std and RGB covariance eigenpairs of a "
                                             "prepared split, for normalization and AlexNet's PCA lighting.")
     p.add_argument("out", type=Path, help="the directory alexpipe-prepare wrote")
-    p.add_argument("--split", default="train")
-    p.add_argument("--device", default="auto", help="gpu (DALI mixed decoder), cpu, or auto (gpu if present)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="DALI threads (default: all cores)")
+    p.add_argument("--split", default="train", help="the split to measure")
+    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"],
+                   help="gpu (DALI's nvJPEG decoder), cpu, or auto (gpu if one is visible)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="DALI threads in all (default: all cores, "
+                   "here %(default)s)")
     p.add_argument("--fraction", type=float, default=1.0, help="use a seeded random subset of the shards")
     p.add_argument("--seed", type=int, default=0, help="which shards --fraction picks")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 32 on CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 256 on GPU, 32 on CPU)")
     p.add_argument("--pipelines", type=int, default=None, help="DALI pipelines decoding side by side "
                    "(default: 4 on GPU, 1 on CPU)")
-    p.add_argument("--output", type=Path, default=None, help="default: OUT/pca.json")
+    p.add_argument("--output", type=Path, default=None, help="where to write the result (default: OUT/pca.json)")
+    return p
+
+
+def parse_args(argv) -> PCAConfig:
+    p = parser()
     args = p.parse_args(argv)
     for name in ("workers", "batch_size", "pipelines"):
         value = getattr(args, name)

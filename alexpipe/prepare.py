@@ -47,7 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
-from .util import (MANIFEST, MANIFEST_FORMAT, UserError, atomic_write_bytes, config_dict, default_workers,
+from .util import (MANIFEST, MANIFEST_FORMAT, Help, UserError, atomic_write_bytes, config_dict, default_workers,
                    imagenet_classes, print_config, read_json, run_main, sha256_file, write_json)
 
 SHORT_SIDE = 256
@@ -553,26 +553,33 @@ def verify(out: Path, workers: int) -> int:
 
 # ---------------------------------------------------------------------------- CLI
 
-def parse_args(argv):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="alexpipe-prepare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="alexpipe-prepare", formatter_class=Help,
         description="Turn an ImageNet tree into shuffled 256-px WebDataset shards with DALI "
                     "index files and a manifest. `alexpipe-prepare --verify OUT` checks them.")
     p.add_argument("src", type=Path, nargs="?", help="ImageNet root with train/<wnid>/ and val/")
     p.add_argument("out", type=Path, nargs="?", help="output directory")
-    p.add_argument("--split", choices=["train", "val", "both"], default="both")
-    p.add_argument("--workers", type=int, default=default_workers(), help="processes (default: all cores)")
+    p.add_argument("--split", choices=["train", "val", "both"], default="both",
+                   help="which split to prepare; splits can be added to an OUT one at a time")
+    p.add_argument("--workers", type=int, default=default_workers(), help="processes (default: all cores, here %(default)s)")
     p.add_argument("--shard-size", type=int, default=PrepareConfig.shard_size, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
-    p.add_argument("--center-crop", action="store_true",
+    p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=False,
                    help="store the central 256x256 square (the paper) instead of the short-side-256 image")
-    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                   help="fail on the first unreadable image instead of skipping it")
     p.add_argument("--val-labels", type=Path, default=None,
                    help="label file for a flat val folder (LOC_val_solution.csv or the devkit's "
-                        "ILSVRC2012_validation_ground_truth.txt); found automatically if omitted")
+                        "ILSVRC2012_validation_ground_truth.txt) (default: found beside SRC)")
     p.add_argument("--verify", type=Path, metavar="OUT", default=None,
-                   help="re-read every shard of OUT against its manifest and exit")
+                   help="re-read every shard of OUT against its manifest and exit (default: prepare)")
+    return p
+
+
+def parse_args(argv):
+    p = parser()
     args = p.parse_args(argv)
     if args.verify is None and (args.src is None or args.out is None):
         p.error("SRC and OUT are required (or --verify OUT)")

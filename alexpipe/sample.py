@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .util import UserError, imagenet_classes, print_config, run_main
+from .util import Help, UserError, imagenet_classes, print_config, run_main
 
 # (class index in ILSVRC-2012, shape, hue in degrees): distinct in shape and colour.
 CLASS_DESIGNS = [
@@ -153,18 +153,21 @@ def make_sample(cfg: SampleConfig) -> dict:
     return counts
 
 
-def parse_args(argv) -> SampleConfig:
-    p = argparse.ArgumentParser(prog="alexpipe-sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alexpipe-sample", description=__doc__.split("\n\n")[0], formatter_class=Help)
     p.add_argument("dir", type=Path, help="where to write the tree (must not exist or be empty)")
-    p.add_argument("--classes", type=int, default=SampleConfig.classes, help=f"1..{len(CLASS_DESIGNS)}")
-    p.add_argument("--train-per-class", type=int, default=SampleConfig.train_per_class)
-    p.add_argument("--val-per-class", type=int, default=SampleConfig.val_per_class)
-    p.add_argument("--seed", type=int, default=SampleConfig.seed)
+    p.add_argument("--classes", type=int, default=SampleConfig.classes, help=f"classes, 1..{len(CLASS_DESIGNS)}")
+    p.add_argument("--train-per-class", type=int, default=SampleConfig.train_per_class, help="train images per class")
+    p.add_argument("--val-per-class", type=int, default=SampleConfig.val_per_class, help="val images per class")
+    p.add_argument("--seed", type=int, default=SampleConfig.seed, help="the images drawn")
     p.add_argument("--names", default="wnid", choices=["wnid", "shape"],
                    help="wnid: ImageNet wnid folders, flat val with LOC_val_solution.csv (standard labels); "
                         "shape: folders named by shape, val in class folders (labels 0..classes-1)")
-    return SampleConfig(**vars(p.parse_args(argv)))
+    return p
+
+
+def parse_args(argv) -> SampleConfig:
+    return SampleConfig(**vars(parser().parse_args(argv)))
 
 
 def _main(argv) -> int:

@@ -39,7 +39,7 @@ from . import dist
 from .eval import evaluate
 from .loader import cuda_queues_note, default_pipelines, eval_loader, load_pca, train_loader
 from .model import ARCHS, alexnet
-from .util import (UserError, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
+from .util import (Help, UserError, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
                    run_main, sha256_file, write_json)
 
 BASE_BATCH = 128
@@ -342,36 +342,42 @@ def train(cfg: TrainConfig) -> list[dict]:
     return metrics
 
 
-def parse_args(argv) -> TrainConfig:
+def parser() -> argparse.ArgumentParser:
     d = TrainConfig
-    p = argparse.ArgumentParser(prog="alexpipe-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="alexpipe-train", formatter_class=Help,
                                 description="Train AlexNet on alexpipe shards with the paper's recipe "
                                             "(run under torchrun for several GPUs).")
     p.add_argument("out", type=Path, help="prepared directory (shards, manifest.json, pca.json)")
-    p.add_argument("--arch", default=d.arch, choices=ARCHS)
+    p.add_argument("--arch", default=d.arch, choices=ARCHS, help="paper: the 2012 net with LRN; torchvision: "
+                   "torchvision's AlexNet")
     p.add_argument("--groups", type=int, default=d.groups, choices=[1, 2], help="paper arch: 2 = the two-GPU connectivity")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (the paper: ~90)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch over all ranks")
-    p.add_argument("--lr", type=float, default=d.lr, help="lr for a batch of 128 (scaled linearly with the batch)")
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--lr", type=float, default=d.lr, help="lr for a batch of 128, scaled linearly with the batch")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="on every weight")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="before FC6 and FC7")
     p.add_argument("--schedule", default=d.schedule, choices=["plateau", "step"],
                    help="plateau: lr/10 when val top-1 stops improving (the paper); step: lr/10 every --step-epochs")
-    p.add_argument("--step-epochs", type=int, default=d.step_epochs)
+    p.add_argument("--step-epochs", type=int, default=d.step_epochs, help="step schedule: epochs between lr drops")
     p.add_argument("--patience", type=int, default=d.patience, help="plateau: epochs without improvement")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="default: 5 if the batch is > 128, else 0")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warmup (default: 5 if the batch is "
+                   "> 128, else 0)")
     p.add_argument("--lighting", type=float, default=d.lighting, help="std of the PCA lighting alpha")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (cuda only anyway)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, default=None, help="DALI threads per pipeline (default: 8 on a GPU, "
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="where to train (default: cuda if a GPU "
+                   "is visible, else cpu)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
+                   help="NHWC memory for the images and the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                   help="torch.compile the model (cuda only)")
+    p.add_argument("--seed", type=int, default=d.seed, help="init, loader order and augmentation")
+    p.add_argument("--workers", type=int, default=None, help="DALI threads per pipeline (default: 4 on a GPU, "
                    "the cores / --pipelines on CPU)")
     p.add_argument("--pipelines", type=int, default=None, help="DALI train pipelines per rank, decoding batches "
-                   "side by side; default: 2 on cuda, 1 on cpu (--resume needs the number the checkpoint was "
-                   "written with)")
+                   "side by side; --resume needs the number the checkpoint was written with (default: 4 on cuda, "
+                   "1 on cpu)")
     p.add_argument("--cache", default=d.cache, choices=["auto", "gpu", "off"],
                    help="keep decoded images in GPU memory after epoch 1 (DALI's decoder cache; each rank then keeps "
                         "one fixed share of the samples): auto = if the rank's share fits, gpu = as much as fits or "
@@ -380,10 +386,17 @@ def parse_args(argv) -> TrainConfig:
                    "rank's share, or what is free less 16 GB)")
     p.add_argument("--echo", type=int, default=d.echo, help="views (crop, flip, lighting) of each decoded image per "
                    "epoch, in different batches (data echoing; 1 = the paper)")
-    p.add_argument("--run-dir", type=Path, default=None, help="default: OUT/runs/<arch>")
-    p.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
-    p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms (for exact resume tests)")
+    p.add_argument("--run-dir", type=Path, default=None, help="where the checkpoint and logs go (default: "
+                   "OUT/runs/<arch>, or the --resume checkpoint's folder)")
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from (default: a new run)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
+                   help="torch deterministic algorithms (for exact resume tests)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between host syncs / bar updates")
+    return p
+
+
+def parse_args(argv) -> TrainConfig:
+    p = parser()
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "step_epochs", "log_every", "workers", "pipelines", "echo"):
         value = getattr(args, name)
@@ -393,6 +406,8 @@ def parse_args(argv) -> TrainConfig:
         raise UserError(f"--cache-gb must be > 0, got {args.cache_gb}")
     if args.lr <= 0 or args.patience < 0:
         raise UserError("--lr must be > 0 and --patience >= 0")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.pipelines is None:

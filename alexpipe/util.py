@@ -4,6 +4,7 @@ together. Kept to plain functions so each stage module reads top to bottom."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,17 @@ def run_main(prog: str, body, argv) -> int:
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows every option's real default once: "(default: X)" is appended to its
+    text unless the text already gives one (defaults worked out at run time say it in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.required or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def default_workers() -> int:

@@ -18,6 +18,7 @@ from alexpipe import eval as ev
 from alexpipe import pca as pca_mod
 from alexpipe.loader import eval_loader, load_pca
 from alexpipe.model import TORCHVISION_NORMALIZE, alexnet, load_for_eval
+from alexpipe.util import manifest_sha256
 from test_loader import reference_ten, stored
 
 
@@ -151,7 +152,8 @@ def test_one_two_three_ranks_count_every_sample_once(shapes_run, shapes_out, tmp
     assert results[0]["results"]["ten"]["top1_err"] < 0.4
     assert set(results[0]["results"]["center"]["per_class_top1"]) == {"disk_020", "ring_300", "square_120",
                                                                       "triangle_230"}
-    assert (tmp_path / "fig1" / "filters.png").exists() and (tmp_path / "fig1" / "predictions.png").exists()
+    sha = manifest_sha256(shapes_out)[:8]  # the predictions of other shards get a file of their own
+    assert (tmp_path / "fig1" / "filters.png").exists() and (tmp_path / "fig1" / f"predictions-val-{sha}.png").exists()
 
 
 def test_torchvision_weights_evaluate_on_imagenet_shards(real_ready, tmp_path, capsys):
@@ -176,23 +178,30 @@ def test_predict_names_top_classes(shapes_run, shapes_out, capsys):
         assert block[0].split()[1] == "square_120"
 
 
-@pytest.mark.parametrize("case", ["not_a_checkpoint", "wrong_classes", "no_split", "bad_image"])
-def test_bad_input_is_one_line_and_exit_2(case, shapes_run, shapes_out, real_ready, tmp_path, capsys):
-    if case == "bad_image":
-        bad = tmp_path / "x.jpg"
-        bad.write_bytes(b"not an image")
-        code = ev.predict_main([str(shapes_run / "checkpoint.pt"), str(bad), "--device", "cpu"])
-        expect = f"{bad}: not a readable image"
+def test_predict_reports_unreadable_files_and_predicts_the_others(shapes_run, shapes_out, tmp_path, capsys):
+    good = sorted((shapes_out.parent / "src" / "val" / "square_120").glob("*.JPEG"))[0]
+    bad, missing = tmp_path / "x.jpg", tmp_path / "gone.jpg"
+    bad.write_bytes(b"not an image")
+    code = ev.predict_main([str(shapes_run / "checkpoint.pt"), str(bad), str(missing), str(good), "--device", "cpu"])
+    captured = capsys.readouterr()
+    out, err = captured.out.splitlines(), captured.err.strip().splitlines()
+    assert code == 1 and out[0] == str(good) and len(out) == 5
+    assert err == [f"alexpipe-predict: {bad}: not a readable image " + err[0].split("not a readable image ")[1],
+                   f"alexpipe-predict: {missing}: not found",
+                   "alexpipe-predict: 2 of 3 files could not be read"]
+
+
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "wrong_classes", "no_split"])
+def test_bad_input_is_one_line_and_exit_2(case, shapes_run, shapes_out, unique_out, tmp_path, capsys):
+    ckpt, out, extra, expect = shapes_run / "checkpoint.pt", shapes_out, [], ""
+    if case == "not_a_checkpoint":
+        ckpt = tmp_path / "junk.pt"
+        ckpt.write_bytes(os.urandom(100))
+        expect = f"{ckpt}: not a checkpoint"
+    elif case == "wrong_classes":
+        out, expect = unique_out, "a model of 4 classes, but"
     else:
-        ckpt, out, extra, expect = shapes_run / "checkpoint.pt", shapes_out, [], ""
-        if case == "not_a_checkpoint":
-            ckpt = tmp_path / "junk.pt"
-            ckpt.write_bytes(os.urandom(100))
-            expect = f"{ckpt}: not a checkpoint"
-        elif case == "wrong_classes":
-            out, expect = real_ready, "a model of 4 classes, but"
-        else:
-            extra, expect = ["--split", "test"], "split 'test' was not prepared"
-        code = ev.main([str(ckpt), str(out), "--device", "cpu", *extra])
+        extra, expect = ["--split", "test"], "split 'test' was not prepared"
+    code = ev.main([str(ckpt), str(out), "--device", "cpu", *extra])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and expect in err[0], err
