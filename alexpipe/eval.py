@@ -36,7 +36,7 @@ from .loader import eval_loader
 from .model import load_for_eval
 from .pipeline import TEN_CROPS
 from .prepare import load_resized
-from .util import (Help, UserError, config_dict, iter_samples, load_manifest, manifest_sha256, run_main, split_shards,
+from .util import (Bar, Help, UserError, config_dict, iter_samples, load_manifest, manifest_sha256, run_main, split_shards,
                    write_json)
 
 
@@ -57,9 +57,9 @@ def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Ten
     return (above.sum(1) < k) & ~p_true.squeeze(1).isnan()
 
 
-def evaluate(model, loader, amp_dtype: torch.dtype | None, num_classes: int) -> dict:
+def evaluate(model, loader, amp_dtype: torch.dtype | None, num_classes: int, show: str | None = None) -> dict:
     """Loss (NLL of the averaged softmax), top-1/top-5 error and per-class top-1 accuracy
-    over every sample of every rank's loader, summed over ranks."""
+    over every sample of every rank's loader, summed over ranks; a progress bar named `show`."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -67,7 +67,7 @@ def evaluate(model, loader, amp_dtype: torch.dtype | None, num_classes: int) -> 
     hits1, hits5 = torch.zeros_like(count), torch.zeros_like(count)
     nll = torch.zeros(1, dtype=torch.float64, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        for images, labels in loader:
+        for images, labels in Bar(loader, desc=show, unit="batch", disable=show is None, leave=False):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             probs = crop_probabilities(model, images)
             p_true = probs.gather(1, labels[:, None]).squeeze(1)
@@ -206,7 +206,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                              channels_last=cuda, num_threads=cfg.workers, normalize=info["normalize"])
         dist.barrier()
         t0 = time.perf_counter()
-        r = evaluate(model, loader, amp_dtype, info["num_classes"])
+        r = evaluate(model, loader, amp_dtype, info["num_classes"], f"{mode} crop" if d.main else None)
         if cuda:
             torch.cuda.synchronize()
         r["seconds"] = time.perf_counter() - t0

@@ -295,7 +295,7 @@ def _common(out, split, device, rank, world_size, dtype, num_threads, verify, pi
     # torch.distributed every rank raises if any found a problem, so none is left waiting
     problem = None
     try:
-        check_shards(shards[rank::world], hash_them=verify, workers=threads)
+        check_shards(shards[rank::world], hash_them=verify, workers=threads, show=rank == 0)
     except UserError as e:
         problem = str(e)
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

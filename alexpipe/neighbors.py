@@ -31,13 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from . import dist
 from .eval import class_name
 from .loader import eval_loader
 from .model import load_for_eval
-from .util import Help, UserError, load_manifest, manifest_sha256, run_main, split_shards, write_json
+from .util import Bar, Help, UserError, load_manifest, manifest_sha256, run_main, split_shards, write_json
 
 MARGIN = 16  # candidates kept beyond k, so that the certificate rarely fails
 
@@ -78,7 +77,7 @@ def features(model, normalize: dict, split: str, cfg: NeighborsConfig, rank: int
     feats, labels = [], []
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-        for images, y in tqdm(loader, desc=f"features {split}", unit="batch", disable=not show):
+        for images, y in Bar(loader, desc=f"features {split}", unit="batch", disable=not show):
             feats.append(fc7(model, images).to(torch.float16 if cuda else torch.float32))
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)

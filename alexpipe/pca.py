@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .pipeline import READER, decoded_pipeline
-from .util import (Help, UserError, check_shards, config_dict, default_workers, find_bad_sample, load_manifest,
+from .util import (Bar, Help, UserError, check_shards, config_dict, default_workers, find_bad_sample, load_manifest,
                    manifest_sha256, print_config, run_main, split_shards, write_json)
 
 GROUPS = 16  # jackknife groups: image ordinal mod 16
@@ -195,7 +194,7 @@ def accumulate(shards: list[dict], device: str, workers: int, batch_size: int,
         groups[...] += batch.astype(object)
 
     ordinal, first, turn = 0, None, 0
-    with tqdm(total=total_images, unit="img", desc="pca", smoothing=0.05) as bar:
+    with Bar(total=total_images, unit="img", desc="pca", smoothing=0.05) as bar:
         while ordinal < total_images:
             while not left[turn % pipelines]:
                 turn += 1
@@ -235,7 +234,7 @@ def compute(cfg: PCAConfig) -> dict:
     shards = choose_shards(split_shards(manifest, cfg.out, cfg.split), cfg.fraction, cfg.seed)
     if not shards:
         raise UserError(f"{cfg.out}: split {cfg.split!r} has no samples")
-    check_shards(shards, hash_them=True, workers=cfg.workers)
+    check_shards(shards, hash_them=True, workers=cfg.workers, show=True)
     t0 = time.perf_counter()
     batch_size = cfg.batch_size or (256 if device == "gpu" else 32)
     pipelines = cfg.pipelines or (4 if device == "gpu" else 1)
@@ -270,9 +269,10 @@ def report(r: dict) -> str:
     fmt = lambda v: "[" + ", ".join(f"{x:8.4f}" for x in v) + "]"  # noqa: E731
     eig01 = [v / 255 ** 2 for v in r["eigval"]]
     lines = [
-        f"{r['images']} images, {r['pixels']} pixels ({r['split']}, fraction {r['fraction']}), "
-        f"{r['images_per_second']:.0f} images/s with {r['decoder']} ({r['startup_seconds']:.1f} s start-up"
-        + (f", then {r['steady_images_per_second']:.0f} images/s)" if r["steady_images_per_second"] else ")"),
+        f"{r['images']} images, {r['pixels']} pixels ({r['split']}, fraction {r['fraction']}) with {r['decoder']} in "
+        f"{r['seconds']:.1f} s: " + (f"{r['startup_seconds']:.1f} s start-up (pipelines, decoder, first batch), then "
+                                     f"{r['steady_images_per_second']:.0f} images/s" if r["steady_images_per_second"]
+                                     else f"{r['images_per_second']:.0f} images/s (too few batches to time apart)"),
         f"mean (0..255)   {fmt(r['mean'])}" + (f"  +- {fmt(se['mean'])}" if se else ""),
         f"std  (0..255)   {fmt(r['std'])}" + (f"  +- {fmt(se['std'])}" if se else ""),
         f"eigval (0..255) {fmt(r['eigval'])}" + (f"  +- {fmt(se['eigval'])}" if se else ""),

@@ -44,10 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from . import __version__
-from .util import (MANIFEST, MANIFEST_FORMAT, Help, UserError, atomic_write_bytes, config_dict, default_workers,
+from .util import (MANIFEST, MANIFEST_FORMAT, Bar, Help, UserError, atomic_write_bytes, config_dict, default_workers,
                    imagenet_classes, print_config, read_json, run_main, sha256_file, write_json)
 
 SHORT_SIDE = 256
@@ -413,7 +412,7 @@ def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> di
         write_json(parts / f"{name}.json", rec)
         records[k] = rec
 
-    with tqdm(total=len(items), initial=done_items, unit="img", desc=split, smoothing=0.05) as bar:
+    with Bar(total=len(items), initial=done_items, unit="img", desc=split, smoothing=0.05) as bar:
         for k in todo:
             pending.append(submit(k))
             if len(pending) == 2:
@@ -539,7 +538,7 @@ def verify(out: Path, workers: int) -> int:
     problems, n = [], 0
     with Pool(workers, initializer=_init_worker) as pool:
         check = partial(verify_shard, out, center_crop=center_crop)
-        for shard, found in zip(shards, tqdm(pool.imap(check, shards), total=len(shards), unit="shard")):
+        for shard, found in zip(shards, Bar(pool.imap(check, shards), total=len(shards), unit="shard")):
             problems += found
             n += shard["count"]
     for p in problems:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .util import Help, UserError, imagenet_classes, print_config, run_main
+from .util import Bar, Help, UserError, imagenet_classes, print_config, run_main
 
 # (class index in ILSVRC-2012, shape, hue in degrees): distinct in shape and colour.
 CLASS_DESIGNS = [
@@ -123,6 +123,7 @@ def make_sample(cfg: SampleConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     odd = {1: "gray", 2: "cmyk", 3: "png", 4: "gif"}  # per class, image n -> kind
     counts = {"train": 0, "val": 0, "broken": 0}
+    bar = Bar(total=cfg.classes * (cfg.train_per_class + cfg.val_per_class), unit="img", desc="sample")
     for index, shape, hue in CLASS_DESIGNS[: cfg.classes]:
         folder = root / "train" / wnids[index]
         folder.mkdir(parents=True)
@@ -130,6 +131,7 @@ def make_sample(cfg: SampleConfig) -> dict:
             data = encode(draw_image(rng, shape, hue), odd.get(n, "jpeg"))
             (folder / f"{wnids[index]}_{n}.JPEG").write_bytes(data)
             counts["train"] += 1
+            bar.update()
     # What a prepare tool must survive: ignored (not images) and rejected (broken) files.
     first = root / "train" / wnids[CLASS_DESIGNS[0][0]]
     good = (first / f"{first.name}_0.JPEG").read_bytes()
@@ -147,7 +149,9 @@ def make_sample(cfg: SampleConfig) -> dict:
         folder = root / "val" / (wnids[index] if cfg.names == "shape" else "")
         folder.mkdir(exist_ok=True)
         (folder / f"{name}.JPEG").write_bytes(encode(draw_image(rng, shape, hue), "jpeg"))
+        bar.update()
         lines.append(f"{name},{wnids[index]} 0 0 10 10")
+    bar.close()
     if cfg.names == "wnid":
         (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
     return counts

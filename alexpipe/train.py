@@ -33,13 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import dist
 from .eval import evaluate
 from .loader import cuda_queues_note, default_pipelines, eval_loader, load_pca, train_loader
 from .model import ARCHS, alexnet
-from .util import (Help, UserError, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
+from .util import (Bar, Help, UserError, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
                    run_main, sha256_file, write_json)
 
 BASE_BATCH = 128
@@ -137,7 +136,7 @@ def train_epoch(model, loader, optimizer, schedule: Schedule, scaler, amp_dtype,
     update the progress bar."""
     model.train()
     losses, window, n_images = [], [], 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}", unit="step", disable=not show, leave=False)
+    bar = Bar(total=len(loader), desc=f"epoch {epoch + 1}", unit="step", disable=not show, leave=False)
     t0 = time.perf_counter()
     lr = schedule.lr(epoch, 0)
 
@@ -317,7 +316,7 @@ def train(cfg: TrainConfig) -> list[dict]:
               f"{len(train_data)} steps/epoch; run dir {run_dir}", flush=True)
     for epoch in range(start, cfg.epochs):
         m = train_epoch(step_model, train_data, optimizer, schedule, scaler, amp_dtype, epoch, cfg.log_every, d.main)
-        v = evaluate(model, val_data, amp_dtype, num_classes)  # uncompiled, per rank: no DDP sync, no recompiles
+        v = evaluate(model, val_data, amp_dtype, num_classes, "val" if d.main else None)  # uncompiled: no recompiles
         dropped = schedule.end_epoch(v["top1_err"])
         row = {"epoch": epoch + 1, **m, "val_loss": v["loss"], "val_top1_err": v["top1_err"],
                "val_top5_err": v["top5_err"], "val_count": v["count"], "lr_dropped": dropped}

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "alexpipe-shards-v1"
 
@@ -45,6 +47,17 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         if "(default" in text or action.required or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)".lstrip()
+
+
+class Bar(tqdm):
+    """A progress bar (count, rate, ETA) that draws its final state once: tqdm redraws on
+    close, so the update that completes it is not drawn as well."""
+
+    def update(self, n=1):
+        if self.total is not None and self.n + n >= self.total:
+            self.n += n
+            return None
+        return super().update(n)
 
 
 def default_workers() -> int:
@@ -141,13 +154,13 @@ def split_shards(manifest: dict, out: Path, split: str) -> list[dict]:
     return shards
 
 
-def check_shards(shards: list[dict], hash_them: bool, workers: int) -> None:
+def check_shards(shards: list[dict], hash_them: bool, workers: int, show: bool = False) -> None:
     """Every shard and index present, with the manifest's byte size (and sha256): a
     missing, truncated or altered shard is named before any work starts, and in an altered
     one the JPEG that no longer decodes. This is also what keeps corrupt JPEGs away from
     DALI: its CPU decoder (2.4.0) can crash the process on one (a segfault in
     ImageDecoder's worker lambda, seen here) instead of raising. Threads: hashing
-    releases the GIL."""
+    releases the GIL. `show`: a progress bar while hashing (140 GB for ImageNet)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def problem(s: dict) -> str | None:
@@ -164,7 +177,8 @@ def check_shards(shards: list[dict], hash_them: bool, workers: int) -> None:
 
     ex = ThreadPoolExecutor(max(1, workers))
     try:
-        for p in ex.map(problem, shards):
+        for p in Bar(ex.map(problem, shards), total=len(shards), desc="sha256", unit="shard",
+                     disable=not (hash_them and show)):
             if p:
                 raise UserError(p)
     finally:

@@ -38,3 +38,28 @@ def test_every_option_shows_its_real_default(prog):
                               ("--weight-decay", "0.0005"), ("--dropout", "0.5")):
             action = next(a for a in options if flag in a.option_strings)
             assert str(action.default) == default
+
+
+def bars(text: str, name: str) -> list[str]:
+    """The states a tqdm bar named `name` drew (each \\r-separated redraw)."""
+    return [part for part in text.replace("\r", "\n").splitlines() if part.startswith(f"{name}:")]
+
+
+def test_long_steps_show_one_finished_bar_with_rate_and_eta(shapes_run, shapes_out, tmp_path, capsys):
+    """alexpipe-sample, alexpipe-pca and alexpipe-eval show a bar with a rate and an ETA,
+    finished once; pca's summary gives the steady rate, not an overall rate above it."""
+    assert sample.main([str(tmp_path / "s"), "--classes", "2", "--train-per-class", "6", "--val-per-class", "1"]) == 0
+    drawn = bars(capsys.readouterr().err, "sample")
+    assert drawn and sum("100%" in b for b in drawn) == 1 and "img/s]" in drawn[-1] and "<" in drawn[-1]
+    assert pca.main([str(shapes_out), "--device", "cpu", "--output", str(tmp_path / "p.json")]) == 0
+    captured = capsys.readouterr()
+    drawn = bars(captured.err, "pca")
+    assert sum("100%" in b for b in drawn) == 1 and "img/s]" in drawn[-1]
+    line = next(x for x in captured.out.splitlines() if x.startswith("160 images"))
+    assert "s start-up (pipelines, decoder, first batch), then" in line and line.count("images/s") == 1
+    assert eval_mod.main([str(shapes_run / "checkpoint.pt"), str(shapes_out), "--device", "cpu", "--figures",
+                          str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    for name in ("center crop", "ten crop"):
+        drawn = bars(err, name)
+        assert drawn and ("batch/s]" in drawn[-1] or "s/batch]" in drawn[-1])
