@@ -6,9 +6,9 @@
 The recipe (Krizhevsky et al. 2012, sec. 5): SGD with momentum 0.9 and weight decay 5e-4
 on every weight, batch 128, lr 0.01 divided by 10 when the validation error stops
 improving (the paper did so three times in ~90 epochs); `--schedule step` divides every
-30 epochs instead. A global batch B > 128 scales the lr linearly (0.01 * B / 128) and
-warms it up linearly from 0.01 over 5 epochs (Goyal et al. 2017); --warmup-epochs sets
-the length (from 0 when the batch is <= 128). On CUDA: bf16 autocast,
+30 epochs instead. The lr is scaled linearly with the global batch B, for any B (0.01 *
+B / 128: 0.0025 at batch 32); above 128 it warms up linearly from 0.01 over 5 epochs
+(Goyal et al. 2017); --warmup-epochs sets the length (from 0 when the batch is <= 128). On CUDA: bf16 autocast,
 channels_last and torch.compile (each can be turned off). Data: the DALI train loader
 (random crop, flip, PCA lighting from OUT/pca.json) and the center-crop val loader.
 

@@ -50,6 +50,32 @@ def real_out(real_tree, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_ready(real_out) -> Path:
+    """real_out with its pca.json."""
+    from alexpipe import pca
+    if not (real_out / "pca.json").exists():
+        assert pca.main([str(real_out), "--device", "cpu"]) == 0
+    return real_out
+
+
+@pytest.fixture(scope="session", params=["made", "real"])
+def any_prepared(request) -> tuple[Path, Path]:
+    """(OUT, SRC): the synthetic ImageNet-layout tree alexpipe-sample writes (wnid folders,
+    odd and broken files, flat val with its label file), or the real-image sample where it
+    is present: every claim tested on the second also holds on the first, on any clone."""
+    if request.param == "made":
+        return request.getfixturevalue("synth_out"), request.getfixturevalue("synth_tree")
+    return request.getfixturevalue("real_out"), request.getfixturevalue("real_tree")
+
+
+@pytest.fixture(scope="session", params=["made", "real"])
+def any_ready(request) -> Path:
+    """Prepared, with pca.json, every label naming its sample: unique_out (made here), or the
+    real sample (one image per class) where it is present."""
+    return request.getfixturevalue("unique_out" if request.param == "made" else "real_ready")
+
+
+@pytest.fixture(scope="session")
 def synth_tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "tree"
     make_sample(SampleConfig(dir=root, classes=4, train_per_class=12, val_per_class=3))
@@ -61,6 +87,15 @@ def synth_out(synth_tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_out")
     prepare(PrepareConfig(src=synth_tree, out=out, workers=2, shard_size=16))
     return out
+
+
+@pytest.fixture(scope="session")
+def synth_ready(synth_out) -> Path:
+    """synth_out with its pca.json (standard ILSVRC labels, 1000 classes)."""
+    from alexpipe import pca
+    if not (synth_out / "pca.json").exists():
+        assert pca.main([str(synth_out), "--device", "cpu"]) == 0
+    return synth_out
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +140,8 @@ def unique_out(tmp_path_factory) -> Path:
     prepare(PrepareConfig(src=root / "src", out=root / "out", workers=2, shard_size=32))
     assert pca.main([str(root / "out"), "--device", "cpu"]) == 0
     return root / "out"
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What a command printed to stderr, less its progress bars (tqdm redraws with \\r)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]

@@ -15,24 +15,9 @@ import torch
 from nvidia.dali import types
 from PIL import Image
 
-from alexpipe import pca as pca_mod
 from alexpipe.loader import cuda_queues_note, eval_loader, load_pca, parse_labels, train_loader
 from alexpipe.pipeline import train_pipeline
 from alexpipe.util import UserError, load_manifest, split_shards
-
-
-@pytest.fixture(scope="module")
-def real_ready(real_out):
-    if not (real_out / "pca.json").exists():
-        assert pca_mod.main([str(real_out), "--device", "cpu"]) == 0
-    return real_out
-
-
-@pytest.fixture(scope="module")
-def synth_ready(synth_out):
-    if not (synth_out / "pca.json").exists():
-        assert pca_mod.main([str(synth_out), "--device", "cpu"]) == 0
-    return synth_out
 
 
 def read_jpeg(source: str) -> np.ndarray:
@@ -78,8 +63,8 @@ def run_train_params(out: Path, batches: int, batch_size: int = 16, seed: int = 
     return p, rows
 
 
-def test_train_pixels_equal_the_papers_transform(real_ready):
-    p, rows = run_train_params(real_ready, batches=3)
+def test_train_pixels_equal_the_papers_transform(any_ready):
+    p, rows = run_train_params(any_ready, batches=3)
     flips = 0
     for r in rows:
         img = read_jpeg(r["src"])
@@ -88,7 +73,7 @@ def test_train_pixels_equal_the_papers_transform(real_ready):
         np.testing.assert_allclose(r["x"], ref, atol=2e-4)
         flips += r["mirror"]
     assert 0 < flips < len(rows)
-    _, half = run_train_params(real_ready, batches=1, dtype=types.FLOAT16)
+    _, half = run_train_params(any_ready, batches=1, dtype=types.FLOAT16)
     for r in half:
         ref = reference_train(read_jpeg(r["src"]), r["px"], r["py"], r["mirror"], r["alpha"], p)
         np.testing.assert_allclose(r["x"].astype(np.float64), ref, atol=4e-3)  # fp16 rounding at |x| < 4
@@ -100,8 +85,8 @@ def test_parse_labels():
     assert parse_labels(padded).tolist() == [0, 7, 42, 999, 1000, 12345678]
 
 
-def test_labels_are_the_cls_components(real_ready):
-    _, rows = run_train_params(real_ready, batches=2)
+def test_labels_are_the_cls_components(any_ready):
+    _, rows = run_train_params(any_ready, batches=2)
     for r in rows:
         key = r["src"].rsplit(":", 1)[1].split(".")[0]
         tar = r["src"].rsplit(":", 2)[0]
@@ -113,10 +98,10 @@ def test_labels_are_the_cls_components(real_ready):
             assert int(f.read(cls_size)) == r["label"]
 
 
-def test_augmentation_statistics(real_ready):
-    """Over 960 samples: crop positions uniform, flips ~ 0.5, and the lighting shift measured
+def test_augmentation_statistics(any_ready):
+    """Over 960 draws: crop positions uniform, flips ~ 0.5, and the lighting shift measured
     from the output pixels has covariance eigvec diag((0.1 eigval / 255)^2) eigvec^T."""
-    p, rows = run_train_params(real_ready, batches=15, batch_size=64)
+    p, rows = run_train_params(any_ready, batches=15, batch_size=64)
     n = len(rows)
     px = np.array([r["px"] for r in rows])
     assert abs(px.mean() - 0.5) < 4 * np.sqrt(1 / 12 / n) and abs(px.var() - 1 / 12) < 0.012
@@ -163,10 +148,10 @@ def stored(out: Path, split: str):
 
 
 @pytest.mark.parametrize("full_image", [False, True])
-def test_ten_crop_equals_reference_crops_in_order(real_ready, full_image):
-    p = load_pca(real_ready)
-    samples = stored(real_ready, "val")
-    loader = eval_loader(real_ready, batch_size=16, ten_crop=True, full_image=full_image, device="cpu",
+def test_ten_crop_equals_reference_crops_in_order(any_ready, full_image):
+    p = load_pca(any_ready)
+    samples = stored(any_ready, "val")
+    loader = eval_loader(any_ready, batch_size=16, ten_crop=True, full_image=full_image, device="cpu",
                          dtype="float32", channels_last=False)
     seen = 0
     for images, labels in loader:
@@ -179,67 +164,73 @@ def test_ten_crop_equals_reference_crops_in_order(real_ready, full_image):
                 want = ((ref - np.array(p["mean"])) / np.array(p["std"])).transpose(2, 0, 1)
                 np.testing.assert_allclose(got, want, atol=2e-4)
             seen += 1
-    assert seen == 50
+    assert seen == len(samples) > 16
 
 
-def test_center_crop_and_layouts(real_ready):
-    p = load_pca(real_ready)
-    samples = stored(real_ready, "val")
-    loader = eval_loader(real_ready, batch_size=32, device="cpu", dtype="float16", channels_last=True)
+def test_center_crop_and_layouts(any_ready):
+    p = load_pca(any_ready)
+    samples = stored(any_ready, "val")
+    loader = eval_loader(any_ready, batch_size=16, device="cpu", dtype="float16", channels_last=True)
     images, labels = next(iter(loader))
-    assert images.shape == (32, 3, 224, 224) and images.dtype == torch.float16
+    assert images.shape == (16, 3, 224, 224) and images.dtype == torch.float16
     assert images.is_contiguous(memory_format=torch.channels_last) and labels.dtype == torch.int64
     img = np.asarray(Image.open(io.BytesIO(samples[0]["jpg"])).convert("RGB"), np.float64)
     h, w = img.shape[:2]
     y, x = anchor(0.5, h - 224), anchor(0.5, w - 224)
     want = ((img[y:y + 224, x:x + 224] - np.array(p["mean"])) / np.array(p["std"])).transpose(2, 0, 1)
     np.testing.assert_allclose(images[0].float().numpy(), want, atol=4e-3)
-    bf = next(iter(eval_loader(real_ready, batch_size=4, device="cpu", dtype="bfloat16")))[0]
+    bf = next(iter(eval_loader(any_ready, batch_size=4, device="cpu", dtype="bfloat16")))[0]
     assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), images[:4].float(), atol=0.03)
 
 
 @pytest.mark.parametrize("world,pipelines", [(1, 1), (1, 2), (2, 2), (3, 3)])
-def test_every_sample_once_per_epoch_across_ranks(real_ready, world, pipelines):
-    """Val (50 images, one per class: the label names the sample): each exactly once over all
-    ranks, last batches partial. Train (500), each rank with its pipelines: the same number of
-    batches on every rank, no sample twice in an epoch, fewer than world*pipelines*batch left out."""
+def test_every_sample_once_per_epoch_across_ranks(any_ready, world, pipelines):
+    """Val (the label names the sample): each exactly once over all ranks, last batches
+    partial. Train, each rank with its pipelines: the same number of batches on every rank,
+    no sample twice in an epoch, fewer than world*pipelines*batch left out."""
+    counts = {s: load_manifest(any_ready)["splits"][s]["count"] for s in ("train", "val")}
+    batch = 32 if counts["train"] >= 500 else 8
     val = Counter()
     for r in range(world):
-        for _, labels in eval_loader(real_ready, batch_size=8, device="cpu", rank=r, world_size=world):
+        for _, labels in eval_loader(any_ready, batch_size=batch // 4, device="cpu", rank=r, world_size=world):
             val.update(labels.tolist())
-    assert sum(val.values()) == 50 and set(val.values()) == {1}
+    assert sum(val.values()) == counts["val"] and set(val.values()) == {1}
     lengths, train = set(), Counter()
     for r in range(world):
-        loader = train_loader(real_ready, batch_size=32, device="cpu", rank=r, world_size=world, seed=1,
+        loader = train_loader(any_ready, batch_size=batch, device="cpu", rank=r, world_size=world, seed=1,
                               pipelines=pipelines)
         lengths.add(len(loader))
         n = 0
         for _, labels in loader:
-            assert len(labels) == 32
+            assert len(labels) == batch
             train.update(labels.tolist())
             n += 1
         assert n == len(loader)
     assert len(lengths) == 1 and set(train.values()) == {1}
-    assert 500 - world * pipelines * 32 < sum(train.values()) <= 500
+    assert counts["train"] - world * pipelines * batch < sum(train.values()) <= counts["train"]
 
 
 @pytest.mark.parametrize("pipelines", [1, 2])
-def test_uneven_ranges_stay_aligned_over_epochs(synth_ready, real_ready, pipelines):
+def test_uneven_ranges_stay_aligned_over_epochs(synth_ready, any_ready, pipelines):
     """DALI pads every reader shard's range to the largest one: a shorter range must still
     drop exactly that padding, or a batch of one repeated sample leaks into its next epoch.
-    Val 12 over 5 ranks (ranges 2 or 3) in batches of 2, three epochs; train 500 (the real
-    images: one per label) over 3 ranks x `pipelines` in batches of 83, three epochs:
-    ranges 166/167 (one pipeline, two batches each) or 83/84 (two, one batch each)."""
+    Val 12 over 5 ranks (ranges 2 or 3) in batches of 2, three epochs; train N (one sample per
+    label) over W ranks x `pipelines` in batches of N // 2W, W = 3 or 4 so that the ranges are
+    uneven, three epochs: two batches a rank (N = 500: ranges 166/167 with one pipeline,
+    83/84 with two; N = 150: 37/38 and 18/19)."""
     expected = Counter(l for _, y in eval_loader(synth_ready, batch_size=12, device="cpu") for l in y.tolist())
     loaders = [eval_loader(synth_ready, batch_size=2, device="cpu", rank=r, world_size=5) for r in range(5)]
     for epoch_counts in zip(*[[Counter(l for _, y in loader for l in y.tolist()) for _ in range(3)]
                               for loader in loaders]):
         assert sum(epoch_counts, Counter()) == expected and sum(expected.values()) == 12
-    for r in range(3):
-        loader = train_loader(real_ready, batch_size=83, device="cpu", rank=r, world_size=3, pipelines=pipelines)
+    n = load_manifest(any_ready)["splits"]["train"]["count"]
+    world = 3 if n % 3 else 4
+    for r in range(world):
+        loader = train_loader(any_ready, batch_size=n // (2 * world), device="cpu", rank=r, world_size=world,
+                              pipelines=pipelines)
         for _ in range(3):
             batches = [y.tolist() for _, y in loader]
-            assert len(batches) == 2 and all(len(set(b)) == 83 for b in batches)
+            assert len(batches) == 2 and all(len(set(b)) == n // (2 * world) for b in batches)
 
 
 def labels_of(loader, batches=None):

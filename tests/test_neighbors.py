@@ -16,6 +16,7 @@ import torch
 
 from alexpipe import neighbors
 from alexpipe.model import TORCHVISION_NORMALIZE, alexnet
+from conftest import error_lines
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_bad_input_is_one_line_and_exit_2(case, weights, unique_out, tmp_path, c
             "k_too_large": [str(weights), str(unique_out), "--k", "151"],
             "bad_queries": [str(weights), str(unique_out), "--queries", "-1"]}[case]
     assert neighbors.main([*args, "--device", "cpu", "--json", str(tmp_path / "x.json")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)
     want = {"not_a_checkpoint": "not a checkpoint", "no_such_split": "split 'test' was not prepared",
             "k_too_large": "--k 151 is more than the 150 samples", "bad_queries": "--queries must be >= 0"}[case]
     assert len(err) == 1 and err[0].startswith("alexpipe-neighbors: error:") and want in err[0]

@@ -15,6 +15,7 @@ from PIL import Image
 from alexpipe import pca
 from alexpipe.prepare import PrepareConfig, prepare
 from alexpipe.util import split_shards
+from conftest import error_lines
 
 
 def numpy_reference(out: Path, split: str = "train"):
@@ -38,10 +39,12 @@ def run(out: Path, *args, name: str = "pca.json") -> dict:
     return json.loads((out / name).read_text())
 
 
-def test_matches_numpy_on_real_images(real_out):
-    r = run(real_out)
-    images, n, mean, cov, eigval, eigvec = numpy_reference(real_out)
-    assert (r["images"], r["pixels"]) == (images, n) == (500, n)
+def test_matches_numpy(any_prepared):
+    out, _ = any_prepared
+    r = run(out, name="pca-numpy.json")
+    images, n, mean, cov, eigval, eigvec = numpy_reference(out)
+    count = json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"]
+    assert (r["images"], r["pixels"]) == (images, n) == (count, n)
     np.testing.assert_allclose(r["mean"], mean, rtol=1e-6)
     np.testing.assert_allclose(r["cov"], cov, rtol=1e-6)
     np.testing.assert_allclose(r["std"], np.sqrt(np.diag(cov)), rtol=1e-6)
@@ -54,9 +57,7 @@ def test_matches_numpy_on_real_images(real_out):
     # the stated sign convention
     for k in range(3):
         assert v[np.argmax(np.abs(v[:, k])), k] > 0
-    # like ImageNet's: one dominant, luminance-like component (all three weights alike)
-    assert r["eigval"][0] > 8 * r["eigval"][1] > 8 * r["eigval"][2] / 8
-    assert np.all(np.abs(v[:, 0] - 1 / np.sqrt(3)) < 0.05)
+    assert r["eigval"][0] >= r["eigval"][1] >= r["eigval"][2] > 0  # the stated order
     assert r["scale"] == 255 and len(r["manifest_sha256"]) == 64
 
 
@@ -126,13 +127,15 @@ def test_sums_do_not_depend_on_how_many_batches_are_in_flight(synth_out):
     assert (first == later).all()
 
 
-def test_fraction_uses_seeded_whole_shards(real_out):
+def test_fraction_uses_seeded_whole_shards(any_prepared):
+    real_out, _ = any_prepared
     manifest = json.loads((real_out / "manifest.json").read_text())
     counts = {Path(s["tar"]).name: s["count"] for s in manifest["splits"]["train"]["shards"]}
     r = run(real_out, "--fraction", "0.5", name="half.json")
-    assert len(r["shards"]) == 2 and r["images"] == sum(counts[s] for s in r["shards"])
+    assert len(r["shards"]) == round(len(counts) / 2) and r["images"] == sum(counts[s] for s in r["shards"])
     assert run(real_out, "--fraction", "0.5", name="half2.json")["shards"] == r["shards"]
-    assert run(real_out, "--fraction", "0.5", "--seed", "3", name="half3.json")["shards"] != r["shards"]
+    seeds = [run(real_out, "--fraction", "0.5", "--seed", str(k), name=f"half-{k}.json")["shards"] for k in (3, 4, 5)]
+    assert any(other != r["shards"] for other in seeds)
     full = run(real_out, name="full.json")
     # the half-data estimate is within a few of its stated standard errors of the full one
     for key in ("mean", "eigval"):
@@ -183,7 +186,7 @@ def test_bad_input_names_the_problem(how, synth_out, tmp_path, capsys):
         (out / "pca.json").unlink(missing_ok=True)  # the shared fixture may have one from other tests
     args = ["--fraction", "0"] if how == "bad_fraction" else []
     assert pca.main([str(out), "--device", "cpu", *args]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if "img/s" not in line and line.strip()]
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("alexpipe-pca: error: ") and expect in err[0], err
     assert not (out / "pca.json").exists()
 
@@ -211,6 +214,6 @@ def test_edited_statistics_are_refused_by_train_and_eval(edit, unique_out, tmp_p
             lambda: eval_mod.main([str(tmp_path / "w.pth"), str(out), "--device", "cpu"])]
     for run_ in runs:
         assert run_() == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = error_lines(capsys.readouterr().err)
         assert len(err) == 1 and f"{path}: its " in err[0] and "does not follow from its own sums" in err[0]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -15,6 +15,7 @@ import torch
 
 from alexpipe import pca, train
 from alexpipe.model import alexnet
+from conftest import error_lines
 
 def test_schedule_warmup_step_and_plateau():
     s = train.Schedule(warmup_from=0.01, peak_lr=0.08, kind="step", steps_per_epoch=10, warmup_steps=50,
@@ -87,7 +88,7 @@ def test_bad_input_is_one_line_and_exit_2(small_out, shapes_out, tmp_path, capsy
     def fails(args, expect):
         capsys.readouterr()
         assert train.main(args) == 2
-        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        err = error_lines(capsys.readouterr().err)
         assert len(err) == 1 and expect in err[0], err
     no_pca = tmp_path / "no_pca"
     shutil.copytree(small_out, no_pca)
