@@ -197,11 +197,13 @@ class DaliLoader:
     """
 
     def __init__(self, make_pipe, layout: Layout, batch_size: int, drop_last: bool, torch_dtype,
-                 channels_last: bool, state: dict | None = None, echo: int = 1, seed: int = 0):
+                 channels_last: bool, state: dict | None = None, echo: int = 1, seed: int = 0,
+                 sources: bool = False):
         pipelines = len(layout.ids)
         if pipelines > 1 and not drop_last:
             raise ValueError("several pipelines per rank need drop_last (every batch full)")
         self.batch_size, self.rank_size, self.echo, self.seed = batch_size, sum(layout.mine), echo, seed
+        self.sources = sources  # the pipelines' last output: each sample's "tar:offset:key.jpg"
         # With pad_last_batch DALI pads every reader shard's range to the largest one, then to a
         # whole batch: that is the reader's epoch in every pipeline, and all of it must be consumed.
         self.reader_batches = math.ceil(layout.pad_to / batch_size)
@@ -254,26 +256,32 @@ class DaliLoader:
                 pipe.run()
         self.epoch, self.batch = self.epoch + 1, 0
 
+    @staticmethod
+    def _strings(tl, keep: int | None = None) -> list[str]:
+        return [bytes(np.asarray(tl[i])).decode() for i in range(len(tl))][:keep]
+
     def _single(self):
         for b in range(self.batch, self.length):
-            images, labels = self.pipes[b % len(self.pipes)].run()
+            outs = self.pipes[b % len(self.pipes)].run()
             keep = min(self.batch_size, self.rank_size - b * self.batch_size)  # eval's last batch: no padding
-            x, y = self._images(self._torch(images, keep)), parse_labels(self._torch(labels, keep))
+            batch = (self._images(self._torch(outs[0], keep)), parse_labels(self._torch(outs[1], keep)))
             self.batch = b + 1
-            yield x, y
+            yield (*batch, self._strings(outs[2], keep)) if self.sources else batch
 
     def _echoed(self):
-        per_round = len(self.pipes) * self.echo
+        per_round, labels_at = len(self.pipes) * self.echo, self.echo
         for r in range(self.batch // per_round, self.length // per_round):
             outs = [pipe.run() for pipe in self.pipes]
-            labels = torch.cat([parse_labels(self._torch(o[-1])) for o in outs])
+            labels = torch.cat([parse_labels(self._torch(o[labels_at])) for o in outs])
+            sources = [s for o in outs for s in self._strings(o[labels_at + 1])] if self.sources else None
             gen = torch.Generator(labels.device).manual_seed(hash((self.seed, self.epoch, r)) % 2**62)
             for k in range(self.echo):
                 views = torch.cat([self._torch(o[k]) for o in outs])
                 order = torch.randperm(len(labels), generator=gen, device=labels.device)
                 for part in order.split(self.batch_size):
                     self.batch += 1
-                    yield self._images(views[part]), labels[part]
+                    batch = (self._images(views[part]), labels[part])
+                    yield (*batch, [sources[i] for i in part.tolist()]) if self.sources else batch
 
 
 def _common(out, split, device, rank, world_size, dtype, num_threads, verify, pipelines=1):
@@ -342,7 +350,7 @@ def train_loader(out, batch_size: int = 256, *, split: str = "train", device: st
                  lighting: float = 0.1, crop: int = 224, num_threads: int | None = None, initial_fill: int = 4096,
                  prefetch: int = 2, hw_decoder_load: float = 1.0, pipelines: int | None = None,
                  cache: str = "off", cache_gb: float | None = None, fixed_share: bool = False, echo: int = 1,
-                 verify: bool = True, state: dict | None = None, log=None) -> DaliLoader:
+                 verify: bool = True, state: dict | None = None, log=None, sources: bool = False) -> DaliLoader:
     """AlexNet's training stream: random crop, flip, PCA lighting (alpha ~ N(0, lighting)),
     normalization with OUT/pca.json's mean and std; `pipelines` DALI pipelines per rank
     (see DaliLoader; default: default_pipelines), each with `num_threads` threads.
@@ -350,7 +358,8 @@ def train_loader(out, batch_size: int = 256, *, split: str = "train", device: st
     cache: "gpu" keeps decoded images in GPU memory (at most `cache_gb`, default: the rank's
     share or what is free), "auto" does so only if the whole share fits, "off" never; any
     cache implies `fixed_share` (see Layout). echo K: K views of every decoded image per epoch
-    (see DaliLoader). `log` (print, say) gets the line on the cache decision."""
+    (see DaliLoader). `log` (print, say) gets the line on the cache decision. With `sources`,
+    batches are (images, labels, sources): each sample's "tar:offset:key.jpg"."""
     device = resolve_device(device)
     pipelines = pipelines if pipelines is not None else default_pipelines(device)
     if echo < 1:
@@ -374,10 +383,10 @@ def train_loader(out, batch_size: int = 256, *, split: str = "train", device: st
                               pca["eigvec"], lighting=lighting, crop=crop, dtype=DTYPES[dtype][0],
                               layout="HWC" if channels_last else "CHW", initial_fill=initial_fill,
                               shuffle_seed=seed, hw_decoder_load=hw_decoder_load, cache_mb=math.ceil(cache_gb_used * 1e9 / 2**20),
-                              echo=echo, batch_size=batch_size, seed=seed * 100_003 + shard_id,
+                              echo=echo, with_sources=sources, batch_size=batch_size, seed=seed * 100_003 + shard_id,
                               prefetch_queue_depth=prefetch, checkpoint=checkpoint, **kw)
 
-    loader = DaliLoader(make, layout, batch_size, True, DTYPES[dtype][1], channels_last, state, echo, seed)
+    loader = DaliLoader(make, layout, batch_size, True, DTYPES[dtype][1], channels_last, state, echo, seed, sources)
     loader.share_dir, loader.cache_gb = tmp, cache_gb_used  # the cut index files live as long as the loader
     return loader
 
@@ -385,10 +394,10 @@ def train_loader(out, batch_size: int = 256, *, split: str = "train", device: st
 def eval_loader(out, batch_size: int = 256, *, split: str = "val", ten_crop: bool = False, full_image: bool = False,
                 device: str = "auto", rank: int | None = None, world_size: int | None = None, dtype: str = "float16",
                 channels_last: bool = True, crop: int = 224, num_threads: int | None = None, prefetch: int = 2,
-                verify: bool = True, normalize: dict | None = None) -> DaliLoader:
+                verify: bool = True, normalize: dict | None = None, sources: bool = False) -> DaliLoader:
     """Center-crop (or ten-crop) evaluation stream; each rank yields its own samples once.
     `normalize` ({"mean", "std"} on 0..255) overrides pca.json's, for weights trained with
-    other statistics (torchvision's)."""
+    other statistics (torchvision's); `sources` as in train_loader."""
     out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
                                                         num_threads, verify)
     norm = normalize or pca
@@ -396,11 +405,11 @@ def eval_loader(out, batch_size: int = 256, *, split: str = "val", ten_crop: boo
     def make(shard_id, num_shards, checkpoint):
         return eval_pipeline(shards, device, shard_id, num_shards, norm["mean"], norm["std"], crop=crop,
                              dtype=DTYPES[dtype][0], layout="HWC" if channels_last else "CHW", ten_crop=ten_crop,
-                             full_image=full_image, batch_size=batch_size, prefetch_queue_depth=prefetch,
-                             checkpoint=checkpoint, **kw)
+                             full_image=full_image, with_sources=sources, batch_size=batch_size,
+                             prefetch_queue_depth=prefetch, checkpoint=checkpoint, **kw)
 
     layout = moving_layout(shards, rank, world, 1)
-    return DaliLoader(make, layout, batch_size, False, DTYPES[dtype][1], channels_last)
+    return DaliLoader(make, layout, batch_size, False, DTYPES[dtype][1], channels_last, sources=sources)
 
 
 # ---------------------------------------------------------------------------- preview

@@ -102,7 +102,7 @@ def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype
 def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: int, mean, std, eigval, eigvec,
                    lighting: float = 0.1, crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW",
                    initial_fill: int = 4096, shuffle_seed: int = 0, hw_decoder_load: float = 1.0,
-                   cache_mb: int = 0, echo: int = 1, with_params: bool = False):
+                   cache_mb: int = 0, echo: int = 1, with_params: bool = False, with_sources: bool = False):
     """AlexNet's training augmentation: a random crop x crop window at a uniformly random
     position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
     Returns `echo` such views of each decoded image (independent draws), then the labels.
@@ -114,7 +114,8 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
     iterator drops the padding).
     The window's corner is at round-half-up(pos * (size - crop)), pos ~ U(0, 1), as DALI
     places crops. With `with_params` (one view) the drawn pos_x, pos_y, flip and alpha and
-    each sample's source ("tar:offset:key.jpg") are returned too, for tests and inspection.
+    each sample's source ("tar:offset:key.jpg") are returned too, for tests and inspection;
+    with `with_sources`, the sources after the labels.
     """
     jpegs, cls = read_shards(shards, ["jpg", "cls"], shard_id, num_shards, random_shuffle=True,
                              initial_fill=initial_fill, shuffle_after_epoch=True,
@@ -122,16 +123,17 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
     images = decode(jpegs, device, hw_decoder_load, cache_mb)
     views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout) for _ in range(echo)]
     labels = label_bytes(cls, device)
+    sources = fn.get_property(jpegs, key="source_info")
     if with_params:
         (out, params), = views
-        return (out, labels, *params, fn.get_property(jpegs, key="source_info"))
-    return (*[out for out, _ in views], labels)
+        return (out, labels, *params, sources)
+    return (*[out for out, _ in views], labels, *([sources] if with_sources else []))
 
 
 @pipeline_def(enable_checkpointing=True)
 def eval_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: int, mean, std,
                   crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW", ten_crop: bool = False,
-                  full_image: bool = False, square: int = 256):
+                  full_image: bool = False, square: int = 256, with_sources: bool = False):
     """Evaluation views in stored order, each rank a fixed disjoint range, padded to the
     largest rank's and to whole batches (the iterator drops the padding, so every sample
     counts exactly once).
@@ -144,10 +146,11 @@ def eval_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: in
                              pad_last_batch=True, stick_to_shard=True)
     images = decode(jpegs, device)
     labels = label_bytes(cls, device)
+    extra = [fn.get_property(jpegs, key="source_info")] if with_sources else []
     if not ten_crop:
-        return normalize(images, mean, std, crop, dtype, layout, crop_pos_x=0.5, crop_pos_y=0.5), labels
+        return normalize(images, mean, std, crop, dtype, layout, crop_pos_x=0.5, crop_pos_y=0.5), labels, *extra
     if not full_image:
         images = fn.crop(images, crop=(square, square), crop_pos_x=0.5, crop_pos_y=0.5)
     views = [normalize(images, mean, std, crop, dtype, layout, crop_pos_x=x, crop_pos_y=y, mirror=m)
              for x, y, m in TEN_CROPS]
-    return fn.stack(*views), labels
+    return fn.stack(*views), labels, *extra

@@ -393,3 +393,25 @@ def test_echo_and_fixed_share_resume_exactly(unique_out):
         make(state=first.state_dict(), echo=1)
     with pytest.raises(UserError, match="written with fixed_share=True, not fixed_share=False"):
         make(state=first.state_dict(), fixed_share=False)
+
+
+def test_sources_name_each_batch_sample(unique_out):
+    """sources=True: every sample's "tar:offset:key.jpg", whose .cls is its label; an epoch
+    names each sample once (train with echo 2: twice), eval in stored order."""
+    from alexpipe.util import iter_samples
+    by_source = {}
+    for shard in split_shards(load_manifest(unique_out), unique_out, "train"):
+        lines = Path(shard["idx"]).read_text().splitlines()[1:]
+        for line, sample in zip(lines, iter_samples(shard)):
+            fields = line.split()
+            by_source[f"{shard['tar']}:{fields[fields.index('jpg') + 1]}:{sample['__key__']}.jpg"] = int(sample["cls"])
+    for echo in (1, 2):
+        seen = Counter()
+        for _, labels, sources in train_loader(unique_out, batch_size=8, device="cpu", pipelines=2, echo=echo,
+                                               sources=True):
+            assert [by_source[s] for s in sources] == labels.tolist()
+            seen.update(sources)
+        assert set(seen.values()) == {echo} and len(seen) > 140
+    keys = [s.rsplit(":", 1)[1] for _, _, batch in eval_loader(unique_out, batch_size=6, device="cpu", sources=True)
+            for s in batch]
+    assert keys == sorted(keys) and len(keys) == 20
