@@ -32,7 +32,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import sys
 import tarfile
 import time
@@ -46,7 +45,7 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .util import (MANIFEST, MANIFEST_FORMAT, Bar, Help, UserError, atomic_write_bytes, config_dict, default_workers,
+from .util import (MANIFEST, MANIFEST_FORMAT, Bar, DiskFull, Help, UserError, atomic_file, atomic_write_bytes, config_dict, default_workers,
                    imagenet_classes, print_config, read_json, run_main, sha256_file, write_json)
 
 SHORT_SIDE = 256
@@ -322,12 +321,11 @@ def index_text(tar_path: Path) -> tuple[str, int]:
 
 def write_shard(tar_path: Path, items: list[Item], results) -> dict:
     """Stream one shard's samples into a temporary tar (hashing as it goes), fsync, rename,
-    then write its index. Returns the shard's record (without the job id). The bytes equal
+    then write its index (util.atomic_file: a full disk leaves no part of it behind). Returns the shard's record (without the job id). The bytes equal
     what tarfile.TarFile would write for the same members."""
-    tmp = tar_path.with_name(f".{tar_path.name}.tmp")
     rejected, lines, pos, pixels = [], [], 0, 0
     sha = hashlib.sha256()
-    with open(tmp, "wb") as f:
+    with atomic_file(tar_path) as f:
         def put(data: bytes):
             f.write(data)
             sha.update(data)
@@ -341,9 +339,6 @@ def write_shard(tar_path: Path, items: list[Item], results) -> dict:
             pos += len(member)
         end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # end-of-archive, padded to a whole record
         put(end + tarfile.NUL * (-(pos + len(end)) % tarfile.RECORDSIZE))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, tar_path)
     atomic_write_bytes(tar_path.with_suffix(".idx"), f"v1.2 {len(lines)}\n{''.join(x + chr(10) for x in lines)}".encode())
     return {"count": len(lines), "bytes": tar_path.stat().st_size, "sha256": sha.hexdigest(),
             "pixels": pixels, "rejected": rejected}
@@ -471,13 +466,17 @@ def prepare(cfg: PrepareConfig) -> dict:
                 its = shuffled(its, cfg.seed)
                 splits[split] = prepare_split(cfg, split, its, pool)
                 n_images += len(its)
+        manifest = {"format": MANIFEST_FORMAT, "alexpipe": __version__, "settings": settings,
+                    "val_labels": val_source if val_source else (old or {}).get("val_labels"),
+                    "classes": [list(c) for c in classes], "splits": splits}
+        write_json(manifest_path, manifest)
+        write_json(cfg.out / "prepare-config.json", config_dict(cfg))
     except KeyboardInterrupt:
         print("\ncomplete shards are kept; rerun the same command to resume", file=sys.stderr)
         raise
-    manifest = {"format": MANIFEST_FORMAT, "alexpipe": __version__, "settings": settings,
-                "val_labels": val_source if val_source else (old or {}).get("val_labels"),
-                "classes": [list(c) for c in classes], "splits": splits}
-    write_json(manifest_path, manifest)
+    except DiskFull as e:
+        raise UserError(f"{cfg.out}: disk full (no space left on device) while writing {e.path.name}; the complete "
+                        f"shards are kept: free space and rerun the same command to resume") from None
     dt = time.perf_counter() - t0
     for split in items:
         s = splits[split]
@@ -599,7 +598,6 @@ def _main(argv) -> int:
                         center_crop=args.center_crop, strict=args.strict, val_labels=args.val_labels)
     print_config("alexpipe-prepare", cfg)
     prepare(cfg)
-    write_json(cfg.out / "prepare-config.json", config_dict(cfg))
     return 0
 
 

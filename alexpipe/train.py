@@ -38,7 +38,7 @@ from . import dist
 from .eval import evaluate
 from .loader import cuda_queues_note, default_pipelines, eval_loader, load_pca, train_loader
 from .model import ARCHS, alexnet
-from .util import (Bar, Help, UserError, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
+from .util import (Bar, DiskFull, Help, UserError, atomic_file, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
                    run_main, sha256_file, write_json)
 
 BASE_BATCH = 128
@@ -206,20 +206,32 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Temp file, fsync, rename: the old checkpoint stays whole until the new one is."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    """Atomic (util.atomic_file): the old checkpoint stays whole until the new one is."""
+    with atomic_file(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def save_epoch(run_dir: Path, ckpt_path: Path, state: dict, metrics: list[dict]) -> str | None:
+    """The checkpoint, then metrics.jsonl and curves.png (so a resume never repeats or loses a
+    row); None, or the line to stop with if the disk is full."""
+    try:
+        save_checkpoint(ckpt_path, state)
+        atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics).encode())
+        plot_curves(metrics, run_dir / "curves.png")
+    except DiskFull as e:
+        saved = state["epoch"] - (e.path == ckpt_path)
+        intact = (f"{ckpt_path} holds epoch {saved}, intact: free space and add --resume {ckpt_path}" if saved
+                  else "no checkpoint was written yet")
+        return f"{run_dir}: disk full (no space left on device) while writing {e.path.name}; {intact}"
+    return None
 
 
 def train(cfg: TrainConfig) -> list[dict]:
@@ -322,22 +334,21 @@ def train(cfg: TrainConfig) -> list[dict]:
                "val_top5_err": v["top5_err"], "val_count": v["count"], "lr_dropped": dropped}
         metrics.append(row)
         state = {"loader": dist.gather_objects(train_data.state_dict()), "rng": dist.gather_objects(rng_state())}
+        problem = None
         if d.main:
             print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {m['train_loss']:.4f}  val loss {v['loss']:.4f}  "
                   f"top-1 err {100 * v['top1_err']:5.2f}%  top-5 err {100 * v['top5_err']:5.2f}%  "
                   f"({v['count']} val)  lr {m['lr']:.3g}  {m['images_per_s']:.0f} img/s  "
                   f"{m['epoch_seconds']:.0f} s" + ("  -> lr / 10" if dropped else ""), flush=True)
-            save_checkpoint(ckpt_path, {
+            problem = save_epoch(run_dir, ckpt_path, {
                 "arch": cfg.arch, "groups": cfg.groups, "num_classes": num_classes, "world": d.world,
                 "pipelines": cfg.pipelines, "echo": cfg.echo,
                 "classes": manifest["classes"], "normalize": {"mean": pca["mean"], "std": pca["std"]},
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "schedule": dataclasses.asdict(schedule), "metrics": metrics,
-                "config": config_dict(cfg), **identity, **state})
-            # after the checkpoint, and whole: a resume never repeats or loses a row
-            atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics).encode())
-            plot_curves(metrics, run_dir / "curves.png")
-        dist.barrier()
+                "config": config_dict(cfg), **identity, **state}, metrics)
+        if problem := dist.broadcast_object(problem):  # every rank stops together
+            raise UserError(problem)
     return metrics
 
 

@@ -5,7 +5,9 @@ together. Kept to plain functions so each stage module reads top to bottom."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -76,16 +78,50 @@ def print_config(prog: str, cfg) -> None:
         print(f"  {k}: {v}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary beside `path`, fsync, then rename: a reader (or a rerun after
-    a crash) sees either the old file or the complete new one, never a partial one."""
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(UserError):
+    """A write to `path` failed for lack of space (ENOSPC, or a quota)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        super().__init__(f"{path}: disk full (no space left on device); the file before it, if any, is intact")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """A binary file written under a temporary name beside `path`, fsync'd, then renamed over
+    it: a reader (or a rerun after a crash) sees the old file or the whole new one, never a
+    part. On any error the temporary is removed; a full disk becomes DiskFull(path)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if no_space(e):
+            raise DiskFull(path) from None
+        raise
+
+
+def no_space(e: BaseException | None) -> bool:
+    """Whether ENOSPC (or a quota) is behind `e`: writers such as torch.save report it as an
+    error of their own, with the OSError as its context."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj) -> None:
