@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import dist
-from .loader import eval_loader
+from .dataset import Prepared, iter_samples
+from .loader import LoaderOptions, eval_loader
 from .model import load_for_eval
+from .runtime import Runtime, all_reduce_sum, barrier, cleanup
 from .pipeline import TEN_CROPS
 from .prepare import load_resized
-from .util import (Bar, Help, UserError, config_dict, iter_samples, load_manifest, manifest_sha256, run_main, split_shards,
-                   write_json)
+from .util import Bar, Help, UserError, config_dict, run_main, write_json
 
 
 def crop_probabilities(model, images: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def evaluate(model, loader, amp_dtype: torch.dtype | None, num_classes: int, sho
             count += torch.bincount(labels, minlength=num_classes)
             hits1 += torch.bincount(labels, weights=topk_correct(probs, labels, 1).double(), minlength=num_classes)
             hits5 += torch.bincount(labels, weights=topk_correct(probs, labels, 5).double(), minlength=num_classes)
-    totals = dist.all_reduce_sum(torch.cat([count, hits1, hits5, nll])).cpu()
+    totals = all_reduce_sum(torch.cat([count, hits1, hits5, nll])).cpu()
     model.train(was_training)
     count, hits1, hits5, nll = totals[:num_classes], totals[num_classes:2 * num_classes], \
         totals[2 * num_classes:3 * num_classes], float(totals[-1])
@@ -94,9 +94,9 @@ class EvalConfig:
     split: str = "val"
     crops: str = "both"  # center | ten | both
     full_image: bool = False
-    device: str = "cuda"
+    device: str | None = None  # cuda | cpu; default: cuda if a GPU is visible
     batch_size: int = 128
-    precision: str = "bf16"
+    precision: str | None = None  # default: bf16 on cuda, fp32 on cpu
     workers: int | None = None
     json: Path | None = None
     figures: Path | None = None  # default: the checkpoint's folder
@@ -156,14 +156,13 @@ def class_name(classes, index: int) -> str:
     return f"class {index}"
 
 
-def predictions_image(model, info: dict, out: Path, split: str, device, amp_dtype, n: int = 8):
+def predictions_image(model, info: dict, data: Prepared, split: str, device, amp_dtype, n: int = 8):
     """A grid of n val images with their top-5 classes by name and probability, the true
     class in green (the paper's Figure 4, left)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shards = split_shards(load_manifest(out), out, split)
-    samples = [s for _, s in zip(range(n), (s for shard in shards for s in iter_samples(shard)))]
+    samples = [s for _, s in zip(range(n), (s for shard in data.split(split) for s in iter_samples(shard)))]
     images = [np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples]
     probs, top = predict_images(model, images, info["normalize"], device, amp_dtype)
     fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 4.6),
@@ -185,36 +184,31 @@ def predictions_image(model, info: dict, out: Path, split: str, device, amp_dtyp
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    d = dist.setup(cfg.device)
+    rt = Runtime.start(cfg.device, cfg.precision)
     model, info = load_for_eval(cfg.checkpoint)
-    manifest = load_manifest(cfg.out)
-    if info["num_classes"] != len(manifest["classes"]):
+    data = Prepared.open(cfg.out)
+    if info["num_classes"] != len(data.classes):
         raise UserError(f"{cfg.checkpoint}: a model of {info['num_classes']} classes, but {cfg.out} has "
-                        f"{len(manifest['classes'])}")
-    if cfg.split not in manifest["splits"]:
-        raise UserError(f"{cfg.out}: split {cfg.split!r} was not prepared")
-    expected = manifest["splits"][cfg.split]["count"]
-    cuda = cfg.device == "cuda"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
-    model = model.to(d.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    modes = ["center", "ten"] if cfg.crops == "both" else [cfg.crops]
+                        f"{len(data.classes)}")
+    expected = data.count(cfg.split)
+    model = model.to(rt.device, memory_format=rt.memory_format)
     results = {}
-    for mode in modes:
-        loader = eval_loader(cfg.out, cfg.batch_size // (10 if mode == "ten" else 1) or 1, split=cfg.split,
-                             ten_crop=mode == "ten", full_image=cfg.full_image, device="gpu" if cuda else "cpu",
-                             rank=d.rank, world_size=d.world, dtype="float32" if amp_dtype is None else "float16",
-                             channels_last=cuda, num_threads=cfg.workers, normalize=info["normalize"])
-        dist.barrier()
+    for mode in ["center", "ten"] if cfg.crops == "both" else [cfg.crops]:
+        options = LoaderOptions(batch_size=cfg.batch_size // (10 if mode == "ten" else 1) or 1, threads=cfg.workers)
+        loader = eval_loader(data, options, runtime=rt, split=cfg.split, ten_crop=mode == "ten",
+                             full_image=cfg.full_image, normalize=info["normalize"])
+        barrier()
         t0 = time.perf_counter()
-        r = evaluate(model, loader, amp_dtype, info["num_classes"], f"{mode} crop" if d.main else None)
-        if cuda:
+        r = evaluate(model, loader, rt.amp_dtype, info["num_classes"], f"{mode} crop" if rt.main else None)
+        if rt.cuda:
             torch.cuda.synchronize()
         r["seconds"] = time.perf_counter() - t0
         r["images_per_s"] = r["count"] / r["seconds"]
         if r["count"] != expected:
             raise UserError(f"counted {r['count']} {cfg.split} images, the manifest says {expected}")
         results[mode] = r
-    return {"model": model, "info": info, "results": results, "rank": d.rank, "world": d.world}
+    return {"model": model, "info": info, "results": results, "rank": rt.rank, "world": rt.world, "data": data,
+            "runtime": rt}
 
 
 def summary(cfg: EvalConfig, r: dict) -> str:
@@ -267,35 +261,40 @@ def parse_args(argv) -> EvalConfig:
     return EvalConfig(**vars(args))
 
 
+def write_outputs(cfg: EvalConfig, r: dict) -> None:
+    """filters.png (the checkpoint's alone: the same for any shards), predictions of these
+    shards under a name of their own, and with --json the numbers."""
+    info, model, data = r["info"], r["model"], r["data"]
+    figures = cfg.figures or cfg.checkpoint.parent
+    figures.mkdir(parents=True, exist_ok=True)
+    filters_image(model).save(figures / "filters.png")
+    fig = predictions_image(model, info, data, cfg.split, r["runtime"].device, r["runtime"].amp_dtype)
+    predictions = figures / f"predictions-{cfg.split}-{data.identity[:8]}.png"
+    fig.savefig(predictions, dpi=110)
+    print(f"wrote {figures / 'filters.png'} and {predictions}")
+    if cfg.json:
+        classes = info["classes"]
+        out = {"checkpoint": str(cfg.checkpoint), "out": str(cfg.out), "split": cfg.split, "arch": info["arch"],
+               "ranks": r["world"], "device": cfg.device, "full_image": cfg.full_image, "config": config_dict(cfg),
+               "results": {}}
+        for mode, v in r["results"].items():
+            out["results"][mode] = {k: v[k] for k in ("count", "top1_err", "top5_err", "loss", "seconds",
+                                                      "images_per_s")}
+            out["results"][mode]["per_class_top1"] = {
+                (classes[c][1] if classes else str(c)): acc for c, acc in v["per_class_top1"].items()}
+        write_json(cfg.json, out)
+        print(f"wrote {cfg.json}")
+
+
 def _main(argv) -> int:
     cfg = parse_args(argv)
     try:
         r = run_eval(cfg)
         if r["rank"] == 0:
             print(summary(cfg, r))
-            info, model = r["info"], r["model"]
-            figures = cfg.figures or cfg.checkpoint.parent
-            figures.mkdir(parents=True, exist_ok=True)
-            filters_image(model).save(figures / "filters.png")  # the checkpoint's alone: the same for any shards
-            amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
-            fig = predictions_image(model, info, cfg.out, cfg.split, next(model.parameters()).device, amp)
-            predictions = figures / f"predictions-{cfg.split}-{manifest_sha256(cfg.out)[:8]}.png"
-            fig.savefig(predictions, dpi=110)
-            print(f"wrote {figures / 'filters.png'} and {predictions}")
-            if cfg.json:
-                classes = info["classes"]
-                out = {"checkpoint": str(cfg.checkpoint), "out": str(cfg.out), "split": cfg.split,
-                       "arch": info["arch"], "ranks": r["world"], "device": cfg.device,
-                       "full_image": cfg.full_image, "config": config_dict(cfg), "results": {}}
-                for mode, v in r["results"].items():
-                    out["results"][mode] = {k: v[k] for k in ("count", "top1_err", "top5_err", "loss", "seconds",
-                                                              "images_per_s")}
-                    out["results"][mode]["per_class_top1"] = {
-                        (classes[c][1] if classes else str(c)): acc for c, acc in v["per_class_top1"].items()}
-                write_json(cfg.json, out)
-                print(f"wrote {cfg.json}")
+            write_outputs(cfg, r)
     finally:
-        dist.cleanup()
+        cleanup()
     return 0
 
 
@@ -320,7 +319,7 @@ def predict_parser() -> argparse.ArgumentParser:
 def predict(argv) -> int:
     """Every readable image's top classes; the others named on stderr, exit 1 at the end."""
     args = predict_parser().parse_args(argv)
-    d = dist.setup(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    d = Runtime.start(args.device, "fp32", distributed=False)
     model, info = load_for_eval(args.checkpoint)
     model = model.to(d.device)
     failed = 0

@@ -1,25 +1,25 @@
 """The PyTorch side of the loader: DALI graphs (pipeline.py) as iterables of torch batches,
 usable from any training loop:
 
-    from alexpipe.loader import train_loader, eval_loader
-    for images, labels in train_loader("OUT", batch_size=256):   # one epoch per loop
+    from alexpipe import LoaderOptions, train_loader, eval_loader
+    for images, labels in train_loader("OUT", LoaderOptions(batch_size=256)):   # one epoch per loop
         ...
 
 On a GPU, start the process with CUDA_DEVICE_MAX_CONNECTIONS=32 in its environment (see
-cuda_queues_note).
+cuda_queues_note). Where the batches go (device, dtype, memory format, rank of how many) is a
+runtime.Runtime; how they are made, a LoaderOptions.
 
 Epochs are defined, not inferred. Rank r of W reads a range of N*(r+1)//W - N*r//W samples
-of the split (for training, of its per-epoch reshuffled order, split further among the rank's
-P pipelines; DALI pads every range to the largest, and the iterator drops the padding).
-Train: every rank yields the same number of full batches, P * min over all W*P ranges of
-size // batch_size, so DDP never waits on a rank with one batch more; the few samples left
-over (fewer than W*P*batch_size, different ones each epoch) are not seen that epoch and no
-sample is seen twice. Eval: every sample exactly once, the last batch partial, no padding
-counted.
+(see Layout), split further among the rank's P pipelines; DALI pads every range to the
+largest, and the iterator drops the padding. Train: every rank yields the same number of full
+batches, P * min over all ranges of size // batch_size, so DDP never waits on a rank with one
+batch more; the few samples left over (fewer than W*P*batch_size, different ones each epoch)
+are not seen that epoch and no sample is seen twice. Eval: every sample exactly once, the
+last batch partial, no padding counted.
 
-State: `state_dict()` (epoch, batch within it, and DALI's own checkpoint of reader
-positions and random generators) restores the exact sample order and augmentation, at an
-epoch boundary or mid-epoch.
+State: `state_dict()` (epoch, batch within it, and DALI's own checkpoint of reader positions
+and random generators) restores the exact sample order and augmentation, at an epoch boundary
+or mid-epoch.
 
 alexpipe-preview (main below) draws a grid of augmented training crops and one ten-crop set.
 """
@@ -27,6 +27,7 @@ alexpipe-preview (main below) draws a grid of augmented training crops and one t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import tempfile
@@ -37,46 +38,51 @@ import numpy as np
 import torch
 from nvidia.dali import types
 
-from .pca import check_sums
+from .dataset import Prepared, check_over_ranks
 from .pipeline import eval_pipeline, train_pipeline
-from .util import (Help, UserError, check_shards, load_manifest, manifest_sha256, read_json, run_main,
-                   split_shards)
+from .runtime import Runtime
+from .util import Help, UserError, run_main
 
-DTYPES = {"float16": (types.FLOAT16, torch.float16), "bfloat16": (types.FLOAT16, torch.bfloat16),
-          "float32": (types.FLOAT, torch.float32)}  # DALI has no bf16: fp16 out, cast on the device
-
-
-def load_pca(out: Path) -> dict:
-    """OUT/pca.json, refused if it was computed for other shards than OUT's manifest or its
-    numbers do not follow from its own sums."""
-    path = Path(out) / "pca.json"
-    if not path.exists():
-        raise UserError(f"{path}: not found (run alexpipe-pca {out})")
-    pca = read_json(path, "pca.json")
-    if pca.get("manifest_sha256") != manifest_sha256(out):
-        raise UserError(f"{path}: computed for other shards than {Path(out) / 'manifest.json'} (rerun alexpipe-pca)")
-    check_sums(pca, path)
-    return pca
+# DALI has no bf16: fp16 out, cast on the device
+DTYPES = {"bf16": (types.FLOAT16, torch.bfloat16), "fp16": (types.FLOAT16, torch.float16),
+          "fp32": (types.FLOAT, torch.float32)}
+PIPELINES_GPU, THREADS_GPU = 4, 4  # per rank on a GPU: more decodes in flight, fewer threads each
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if device in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("device gpu: no CUDA GPU is visible (use --device cpu)")
-        return "gpu"
-    if device != "cpu":
-        raise UserError(f"device must be gpu, cpu or auto, got {device!r}")
-    return "cpu"
+@dataclass(frozen=True, kw_only=True)
+class LoaderOptions:
+    """How a loader makes its batches. Training uses all of these, evaluation the first five."""
+    batch_size: int = 256  # per rank
+    threads: int | None = None  # DALI threads per pipeline; default: THREADS_GPU on a GPU, the cores on the CPU
+    prefetch: int = 2
+    verify: bool = True  # sha256 of every shard first (else only their sizes)
+    sources: bool = False  # batches are (images, labels, ["tar:offset:key.jpg", ...])
+    pipelines: int | None = None  # per rank; default: PIPELINES_GPU on a GPU, 1 on the CPU (compute-bound)
+    hw_decoder_load: float = 1.0  # share of each batch on the GPU's JPEG engines (no SMs; one decoder's pixels)
+    seed: int = 0
+    lighting: float = 0.1  # std of the PCA lighting alpha
+    crop: int = 224
+    initial_fill: int = 4096  # shuffle buffer
+    echo: int = 1  # views of each decoded image per epoch (see DaliLoader)
+    cache: str = "off"  # decoded images in GPU memory: off | gpu | auto (gpu if the rank's share fits)
+    cache_gb: float | None = None  # default: the rank's share, or what is free less CACHE_RESERVE_GB
+    fixed_share: bool = False  # each rank keeps one share of the samples (implied by a cache; see Layout)
 
+    def check(self) -> None:
+        for name in ("batch_size", "prefetch", "echo", "initial_fill", "crop"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("threads", "pipelines"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache not in ("off", "gpu", "auto"):
+            raise UserError(f"cache must be off, gpu or auto, got {self.cache!r}")
 
-def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    def resolved(self, rt: Runtime, train: bool) -> LoaderOptions:
+        """The defaults that depend on the device filled in."""
+        pipelines = (self.pipelines or (PIPELINES_GPU if rt.cuda else 1)) if train else 1
+        threads = self.threads or (THREADS_GPU if rt.cuda else max(1, len(os.sched_getaffinity(0)) // pipelines))
+        return dataclasses.replace(self, pipelines=pipelines, threads=threads)
 
 
 def parse_labels(padded: torch.Tensor) -> torch.Tensor:
@@ -92,31 +98,15 @@ CUDA_QUEUES = 32
 
 def cuda_queues_note() -> str | None:
     """A note when this process runs with fewer than CUDA_QUEUES hardware work queues
-    (CUDA_DEVICE_MAX_CONNECTIONS, CUDA's default 8), else None.
-
-    With 8, DALI's streams share queues with the model's and nvJPEG's many small per-image
-    steps (bitstream copies, 3-5 us kernels) wait behind the model's kernels: paper AlexNet
-    fed by the loader on an H100 ran at 12.7-14.1k images/s with 8 (four processes) and
-    16.4-18.0k with 32 (three; bench_train 13.8k vs 16.7k), the model alone at 20.1k either
-    way; torchvision's AlexNet showed no difference beyond its run-to-run noise (13.6-19.0k
-    either way). The variable must be in the environment when the process starts: set from
-    Python after start-up it changed nothing (measured), so it is the launcher's to export,
-    not this library's to set."""
+    (CUDA_DEVICE_MAX_CONNECTIONS; CUDA's default is 8), else None. With 8, DALI's streams share
+    queues with the model's and the decoder's small steps wait behind its kernels. The variable
+    must be in the environment when the process starts (set from Python later, it changes
+    nothing), so it is the launcher's to export, not this library's to set."""
     value = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
     if value and value.isdigit() and int(value) >= CUDA_QUEUES:
         return None
     return (f"note: CUDA_DEVICE_MAX_CONNECTIONS={value or 'unset (8)'}; export CUDA_DEVICE_MAX_CONNECTIONS="
-            f"{CUDA_QUEUES} before starting for the loader to overlap the model (paper AlexNet on an H100: "
-            f"13.8k -> 16.7k images/s)")
-
-
-PIPELINES_GPU, THREADS_GPU = 4, 4  # per rank on a GPU: more decodes in flight, fewer threads each
-
-
-def default_pipelines(device: str) -> int:
-    """Train pipelines per rank: PIPELINES_GPU on a GPU (see DaliLoader), 1 on the CPU, where
-    decoding is compute-bound and a second pipeline would only split the same cores."""
-    return PIPELINES_GPU if device == "gpu" else 1
+            f"{CUDA_QUEUES} before starting, so that the loader's CUDA streams overlap the model's")
 
 
 def range_sizes(n: int, world: int) -> list[int]:
@@ -183,51 +173,49 @@ def fixed_layout(shards: list[dict], rank: int, world: int, pipelines: int, tmp:
 class DaliLoader:
     """Iterate DALI pipelines as (images, labels) torch batches, one epoch per iteration.
 
-    images: (B, 3, H, W) or, for ten-crop, (B, 10, 3, H, W), on the pipelines' device, in
-    `dtype`, channels_last memory if asked; labels: (B,) int64.
+    images: (B, 3, H, W) or, for ten-crop, (B, 10, 3, H, W), on the runtime's device, in its
+    precision's dtype, channels_last memory if it says so; labels: (B,) int64.
 
-    With `pipelines` P > 1 (training only) the rank's P pipelines read P reader shards (see
-    Layout) and batches come from them in turn: each has its own decoder, so P batches decode
-    at once and the decoder's per-image steps, which wait behind the model's kernels, overlap.
+    With P pipelines per rank (training) the P pipelines read P reader shards (see Layout)
+    and batches come from them in turn: each has its own decoder, so P batches decode at once.
 
-    With `echo` K > 1 (training only) every pipeline run gives K views of each image (own
-    crop, flip and lighting); the P pipelines' batches of one round are pooled, and each
-    view's pool is shuffled and cut into P batches, so a batch never holds two views of one
-    image and the K views of an image sit in K different batches of the round.
+    With echo K > 1 (training) every pipeline run gives K views of each image (own crop, flip
+    and lighting); the P pipelines' batches of one round are pooled, and each view's pool is
+    shuffled and cut into P batches, so a batch never holds two views of one image and the K
+    views of an image sit in K different batches of the round.
     """
 
-    def __init__(self, make_pipe, layout: Layout, batch_size: int, drop_last: bool, torch_dtype,
-                 channels_last: bool, state: dict | None = None, echo: int = 1, seed: int = 0,
-                 sources: bool = False):
-        pipelines = len(layout.ids)
-        if pipelines > 1 and not drop_last:
-            raise ValueError("several pipelines per rank need drop_last (every batch full)")
-        self.batch_size, self.rank_size, self.echo, self.seed = batch_size, sum(layout.mine), echo, seed
-        self.sources = sources  # the pipelines' last output: each sample's "tar:offset:key.jpg"
+    def __init__(self, make_pipe, layout: Layout, options: LoaderOptions, rt: Runtime, *, train: bool,
+                 state: dict | None = None):
+        pipelines, b = len(layout.ids), options.batch_size
+        self.options, self.batch_size, self.rank_size = options, b, sum(layout.mine)
+        self.echo, self.fixed_share = options.echo, layout.fixed
+        self.torch_dtype, self.channels_last = DTYPES[rt.precision][1], rt.channels_last
         # With pad_last_batch DALI pads every reader shard's range to the largest one, then to a
         # whole batch: that is the reader's epoch in every pipeline, and all of it must be consumed.
-        self.reader_batches = math.ceil(layout.pad_to / batch_size)
-        # train (drop_last): every pipeline of every rank gives the same number of full batches;
+        self.reader_batches = math.ceil(layout.pad_to / b)
+        # train: every pipeline of every rank gives the same number of full batches;
         # eval (one pipeline): every sample once, the last batch partial
-        self.runs = (pipelines * (layout.least // batch_size) if drop_last
-                     else math.ceil(self.rank_size / batch_size))
+        self.runs = pipelines * (layout.least // b) if train else math.ceil(self.rank_size / b)
         if self.runs == 0:
             hint = " (lower the batch size or pass pipelines=1)" if pipelines > 1 else ""
-            raise UserError(f"batch size {batch_size} x {layout.world} rank(s) x {pipelines} pipeline(s) is more than "
+            raise UserError(f"batch size {b} x {layout.world} rank(s) x {pipelines} pipeline(s) is more than "
                             f"the {layout.total} samples{hint}")
-        self.length = self.runs * echo
-        self.torch_dtype, self.channels_last = torch_dtype, channels_last
+        self.length = self.runs * self.echo
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
-        checkpoints = state["dali"] if state else [None] * pipelines
-        if len(checkpoints) != pipelines:
-            raise UserError(f"the loader state was written with pipelines={len(checkpoints)}, not pipelines={pipelines}")
-        for key, value in (("echo", echo), ("fixed_share", layout.fixed)):
-            if state and state[key] != value:
-                raise UserError(f"the loader state was written with {key}={state[key]}, not {key}={value}")
-        self.fixed_share = layout.fixed
-        self.pipes = [make_pipe(i, layout.num_shards, c) for i, c in zip(layout.ids, checkpoints)]
+        self._check_state(state, pipelines)
+        self.pipes = [make_pipe(i, layout.num_shards, c)
+                      for i, c in zip(layout.ids, state["dali"] if state else [None] * pipelines)]
         for pipe in self.pipes:
             pipe.build()
+
+    def _check_state(self, state: dict | None, pipelines: int) -> None:
+        if not state:
+            return
+        for key, value in (("pipelines", pipelines), ("echo", self.echo), ("fixed_share", self.fixed_share)):
+            written = len(state["dali"]) if key == "pipelines" else state[key]
+            if written != value:
+                raise UserError(f"the loader state was written with {key}={written}, not {key}={value}")
 
     def __len__(self) -> int:
         return self.length
@@ -238,11 +226,16 @@ class DaliLoader:
         return {"epoch": self.epoch, "batch": self.batch, "echo": self.echo, "fixed_share": self.fixed_share,
                 "dali": [p.checkpoint() for p in self.pipes]}
 
-    def _torch(self, tl, keep: int | None = None) -> torch.Tensor:
+    @staticmethod
+    def _torch(tl, keep: int | None = None) -> torch.Tensor:
         """Zero-copy view of a dense DALI batch. DALI's dynamic executor (the default) keeps
         the buffer alive while torch holds it, and DLPack orders the consumer's CUDA stream
         after DALI's, as DALI's own PyTorch iterator relies on."""
         return torch.from_dlpack(tl.as_tensor())[:keep]
+
+    @staticmethod
+    def _strings(tl, keep: int | None = None) -> list[str]:
+        return [bytes(np.asarray(tl[i])).decode() for i in range(len(tl))][:keep]
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:  # DALI wrote HWC: a permuted view is NCHW in channels_last memory
@@ -256,64 +249,28 @@ class DaliLoader:
                 pipe.run()
         self.epoch, self.batch = self.epoch + 1, 0
 
-    @staticmethod
-    def _strings(tl, keep: int | None = None) -> list[str]:
-        return [bytes(np.asarray(tl[i])).decode() for i in range(len(tl))][:keep]
-
     def _single(self):
         for b in range(self.batch, self.length):
             outs = self.pipes[b % len(self.pipes)].run()
             keep = min(self.batch_size, self.rank_size - b * self.batch_size)  # eval's last batch: no padding
             batch = (self._images(self._torch(outs[0], keep)), parse_labels(self._torch(outs[1], keep)))
             self.batch = b + 1
-            yield (*batch, self._strings(outs[2], keep)) if self.sources else batch
+            yield (*batch, self._strings(outs[2], keep)) if self.options.sources else batch
 
     def _echoed(self):
         per_round, labels_at = len(self.pipes) * self.echo, self.echo
         for r in range(self.batch // per_round, self.length // per_round):
             outs = [pipe.run() for pipe in self.pipes]
             labels = torch.cat([parse_labels(self._torch(o[labels_at])) for o in outs])
-            sources = [s for o in outs for s in self._strings(o[labels_at + 1])] if self.sources else None
-            gen = torch.Generator(labels.device).manual_seed(hash((self.seed, self.epoch, r)) % 2**62)
+            sources = [s for o in outs for s in self._strings(o[labels_at + 1])] if self.options.sources else None
+            gen = torch.Generator(labels.device).manual_seed(hash((self.options.seed, self.epoch, r)) % 2**62)
             for k in range(self.echo):
                 views = torch.cat([self._torch(o[k]) for o in outs])
                 order = torch.randperm(len(labels), generator=gen, device=labels.device)
                 for part in order.split(self.batch_size):
                     self.batch += 1
                     batch = (self._images(views[part]), labels[part])
-                    yield (*batch, [sources[i] for i in part.tolist()]) if self.sources else batch
-
-
-def _common(out, split, device, rank, world_size, dtype, num_threads, verify, pipelines=1):
-    out = Path(out)
-    manifest = load_manifest(out)
-    pca = load_pca(out)
-    shards = split_shards(manifest, out, split)
-    if not shards:
-        raise UserError(f"{out}: split {split!r} has no samples")
-    device = resolve_device(device)
-    rank, world = rank_and_world(rank, world_size)
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if pipelines < 1:
-        raise UserError(f"pipelines must be >= 1, got {pipelines}")
-    # per pipeline: THREADS_GPU on a GPU; on the CPU the cores, shared among the pipelines
-    threads = num_threads or (THREADS_GPU if device == "gpu" else max(1, len(os.sched_getaffinity(0)) // pipelines))
-    # each rank checks its share (present, right size, and with verify its sha256); under
-    # torch.distributed every rank raises if any found a problem, so none is left waiting
-    problem = None
-    try:
-        check_shards(shards[rank::world], hash_them=verify, workers=threads, show=rank == 0)
-    except UserError as e:
-        problem = str(e)
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        found = [None] * world
-        torch.distributed.all_gather_object(found, problem)
-        problem = next((p for p in found if p), None)
-    if problem:
-        raise UserError(problem)
-    kw = dict(num_threads=threads, device_id=torch.cuda.current_device() if device == "gpu" else None)
-    return out, pca, shards, device, rank, world, kw
+                    yield (*batch, [sources[i] for i in part.tolist()]) if self.options.sources else batch
 
 
 CACHE_RESERVE_GB = 16.0  # GPU memory left to the model, DALI's buffers and the eval loader
@@ -322,94 +279,92 @@ CACHE_RESERVE_GB = 16.0  # GPU memory left to the model, DALI's buffers and the 
 def cache_gb_needed(shards: list[dict], rank: int, world: int) -> float:
     """GB of decoded uint8 pixels in rank's share (H*W*3 per image, from prepare's per-shard
     pixel counts; about 262 KB per image where the manifest has none)."""
-    total = sum(3 * s.get("pixels", 256 * 341 * s["count"]) * (b - a) / s["count"] for s, a, b in share(shards, rank, world))
+    total = sum(3 * s.get("pixels", 256 * 341 * s["count"]) * (b - a) / s["count"]
+                for s, a, b in share(shards, rank, world))
     return total * 1.01 / 1e9 + 0.05  # DALI stores images unpadded; a margin for rounding
 
 
-def plan_cache(cache: str, cache_gb: float | None, needed: float, device: str) -> tuple[float, str]:
+def plan_cache(options: LoaderOptions, needed: float, rt: Runtime) -> tuple[float, str]:
     """(GB to cache, a line saying why) for cache auto | gpu | off on this rank's GPU."""
-    if cache == "off":
+    if options.cache == "off":
         return 0.0, "decoder cache off"
-    if device != "gpu":
-        if cache == "gpu":
+    if not rt.cuda:
+        if options.cache == "gpu":
             raise UserError("cache gpu needs a CUDA GPU (DALI's decoder cache is GPU memory)")
         return 0.0, "decoder cache off (no GPU)"
     free = torch.cuda.mem_get_info()[0] / 1e9
     room = max(0.0, free - CACHE_RESERVE_GB)
-    if cache == "auto" and needed > room:
+    if options.cache == "auto" and needed > room:
         return 0.0, (f"decoder cache off: this rank's share needs {needed:.1f} GB, {free:.1f} GB of GPU memory "
                      f"is free ({CACHE_RESERVE_GB:g} GB kept for training); --cache gpu --cache-gb N caches part")
-    size = min(needed, cache_gb if cache_gb is not None else room)
+    size = min(needed, options.cache_gb if options.cache_gb is not None else room)
     part = "all" if size >= needed else f"{100 * size / needed:.0f}%"
     return size, (f"decoder cache: {size:.1f} GB of GPU memory for {part} of this rank's share ({needed:.1f} GB; "
                   f"{free:.1f} GB free); epoch 1 decodes and fills it, later epochs copy from it")
 
 
-def train_loader(out, batch_size: int = 256, *, split: str = "train", device: str = "auto", rank: int | None = None,
-                 world_size: int | None = None, seed: int = 0, dtype: str = "float16", channels_last: bool = True,
-                 lighting: float = 0.1, crop: int = 224, num_threads: int | None = None, initial_fill: int = 4096,
-                 prefetch: int = 2, hw_decoder_load: float = 1.0, pipelines: int | None = None,
-                 cache: str = "off", cache_gb: float | None = None, fixed_share: bool = False, echo: int = 1,
-                 verify: bool = True, state: dict | None = None, log=None, sources: bool = False) -> DaliLoader:
-    """AlexNet's training stream: random crop, flip, PCA lighting (alpha ~ N(0, lighting)),
-    normalization with OUT/pca.json's mean and std; `pipelines` DALI pipelines per rank
-    (see DaliLoader; default: default_pipelines), each with `num_threads` threads.
+def open_split(data, rt: Runtime | None, options: LoaderOptions | None, split: str, train: bool):
+    """The pieces both loaders start from: the dataset, runtime, options with their defaults,
+    and the split's shards, checked (sizes, and sha256 with options.verify) over all ranks."""
+    data = data if isinstance(data, Prepared) else Prepared.open(data)
+    rt = rt or Runtime.start(distributed=False)
+    options = options or LoaderOptions()
+    options.check()
+    options = options.resolved(rt, train)
+    shards = data.split(split)
+    check_over_ranks(shards, verify=options.verify, workers=options.threads, rank=rt.rank, world=rt.world)
+    return data, rt, options, shards
 
-    cache: "gpu" keeps decoded images in GPU memory (at most `cache_gb`, default: the rank's
-    share or what is free), "auto" does so only if the whole share fits, "off" never; any
-    cache implies `fixed_share` (see Layout). echo K: K views of every decoded image per epoch
-    (see DaliLoader). `log` (print, say) gets the line on the cache decision. With `sources`,
-    batches are (images, labels, sources): each sample's "tar:offset:key.jpg"."""
-    device = resolve_device(device)
-    pipelines = pipelines if pipelines is not None else default_pipelines(device)
-    if echo < 1:
-        raise UserError(f"echo must be >= 1, got {echo}")
-    if cache not in ("off", "gpu", "auto"):
-        raise UserError(f"cache must be off, gpu or auto, got {cache!r}")
-    out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
-                                                        num_threads, verify, pipelines)
-    cache_gb_used, note = plan_cache(cache, cache_gb, cache_gb_needed(shards, rank, world), device)
-    if log and cache != "off":
+
+def train_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime | None = None,
+                 split: str = "train", state: dict | None = None, log=None) -> DaliLoader:
+    """AlexNet's training stream of `data` (a Prepared, or OUT): random crop, flip, PCA
+    lighting, normalization with its pca.json's mean and std. `runtime`: where batches go
+    (default: this process's device, rank and world); `state`: a state_dict() to resume from;
+    `log` (print, say) gets the line on the decoder cache."""
+    data, rt, o, shards = open_split(data, runtime, options, split, train=True)
+    cache_gb, note = plan_cache(o, cache_gb_needed(shards, rt.rank, rt.world), rt)
+    if log and o.cache != "off":
         log(note)
     tmp = None
-    if fixed_share or (cache != "off" and device == "gpu"):  # by the setting, not the fit: resume sees the same
+    if o.fixed_share or (o.cache != "off" and rt.cuda):  # by the setting, not the fit: a resume gets the same
         tmp = tempfile.TemporaryDirectory(prefix="alexpipe-share-")
-        layout = fixed_layout(shards, rank, world, pipelines, Path(tmp.name))
+        layout = fixed_layout(shards, rt.rank, rt.world, o.pipelines, Path(tmp.name))
     else:
-        layout = moving_layout(shards, rank, world, pipelines)
+        layout = moving_layout(shards, rt.rank, rt.world, o.pipelines)
+    pca = data.pca
 
     def make(shard_id, num_shards, checkpoint):
-        return train_pipeline(layout.shards, device, shard_id, num_shards, pca["mean"], pca["std"], pca["eigval"],
-                              pca["eigvec"], lighting=lighting, crop=crop, dtype=DTYPES[dtype][0],
-                              layout="HWC" if channels_last else "CHW", initial_fill=initial_fill,
-                              shuffle_seed=seed, hw_decoder_load=hw_decoder_load, cache_mb=math.ceil(cache_gb_used * 1e9 / 2**20),
-                              echo=echo, with_sources=sources, batch_size=batch_size, seed=seed * 100_003 + shard_id,
-                              prefetch_queue_depth=prefetch, checkpoint=checkpoint, **kw)
+        return train_pipeline(layout.shards, "gpu" if rt.cuda else "cpu", shard_id, num_shards, pca["mean"],
+                              pca["std"], pca["eigval"], pca["eigvec"], lighting=o.lighting, crop=o.crop,
+                              dtype=DTYPES[rt.precision][0], layout="HWC" if rt.channels_last else "CHW",
+                              initial_fill=o.initial_fill, shuffle_seed=o.seed, hw_decoder_load=o.hw_decoder_load,
+                              cache_mb=math.ceil(cache_gb * 1e9 / 2**20), echo=o.echo, with_sources=o.sources,
+                              batch_size=o.batch_size, seed=o.seed * 100_003 + shard_id,
+                              prefetch_queue_depth=o.prefetch, checkpoint=checkpoint, num_threads=o.threads,
+                              device_id=rt.local_rank if rt.cuda else None)
 
-    loader = DaliLoader(make, layout, batch_size, True, DTYPES[dtype][1], channels_last, state, echo, seed, sources)
-    loader.share_dir, loader.cache_gb = tmp, cache_gb_used  # the cut index files live as long as the loader
+    loader = DaliLoader(make, layout, o, rt, train=True, state=state)
+    loader.share_dir, loader.cache_gb = tmp, cache_gb  # the cut index files live as long as the loader
     return loader
 
 
-def eval_loader(out, batch_size: int = 256, *, split: str = "val", ten_crop: bool = False, full_image: bool = False,
-                device: str = "auto", rank: int | None = None, world_size: int | None = None, dtype: str = "float16",
-                channels_last: bool = True, crop: int = 224, num_threads: int | None = None, prefetch: int = 2,
-                verify: bool = True, normalize: dict | None = None, sources: bool = False) -> DaliLoader:
-    """Center-crop (or ten-crop) evaluation stream; each rank yields its own samples once.
-    `normalize` ({"mean", "std"} on 0..255) overrides pca.json's, for weights trained with
-    other statistics (torchvision's); `sources` as in train_loader."""
-    out, pca, shards, device, rank, world, kw = _common(out, split, device, rank, world_size, dtype,
-                                                        num_threads, verify)
-    norm = normalize or pca
+def eval_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime | None = None, split: str = "val",
+                ten_crop: bool = False, full_image: bool = False, normalize: dict | None = None) -> DaliLoader:
+    """Center-crop (or the paper's ten-crop) stream of `data`; each rank yields its own samples
+    once. `normalize` ({"mean", "std"} on 0..255) overrides pca.json's, for weights trained
+    with other statistics (torchvision's)."""
+    data, rt, o, shards = open_split(data, runtime, options, split, train=False)
+    norm = normalize or data.pca
 
     def make(shard_id, num_shards, checkpoint):
-        return eval_pipeline(shards, device, shard_id, num_shards, norm["mean"], norm["std"], crop=crop,
-                             dtype=DTYPES[dtype][0], layout="HWC" if channels_last else "CHW", ten_crop=ten_crop,
-                             full_image=full_image, with_sources=sources, batch_size=batch_size,
-                             prefetch_queue_depth=prefetch, checkpoint=checkpoint, **kw)
+        return eval_pipeline(shards, "gpu" if rt.cuda else "cpu", shard_id, num_shards, norm["mean"], norm["std"],
+                             crop=o.crop, dtype=DTYPES[rt.precision][0], layout="HWC" if rt.channels_last else "CHW",
+                             ten_crop=ten_crop, full_image=full_image, with_sources=o.sources, batch_size=o.batch_size,
+                             prefetch_queue_depth=o.prefetch, checkpoint=checkpoint, num_threads=o.threads,
+                             device_id=rt.local_rank if rt.cuda else None)
 
-    layout = moving_layout(shards, rank, world, 1)
-    return DaliLoader(make, layout, batch_size, False, DTYPES[dtype][1], channels_last, sources=sources)
+    return DaliLoader(make, moving_layout(shards, rt.rank, rt.world, 1), o, rt, train=False)
 
 
 # ---------------------------------------------------------------------------- preview
@@ -421,25 +376,20 @@ def denormalize(x: torch.Tensor, pca: dict) -> np.ndarray:
     return x.clamp(0, 255).round().byte().movedim(-3, -1).numpy()
 
 
-def preview(out: Path, png: Path, n: int, seed: int, device: str) -> None:
+def preview(out: Path, png: Path, n: int, seed: int, device: str | None) -> None:
     from PIL import Image
-    pca = load_pca(out)
-    train = train_loader(out, batch_size=n, device=device, seed=seed, dtype="float32", channels_last=False,
-                         pipelines=1)  # one batch is all it shows
-    images, _ = next(iter(train))
-    split = "val" if "val" in load_manifest(out)["splits"] else "train"
-    ten = eval_loader(out, batch_size=1, split=split, ten_crop=True, device=device, dtype="float32",
-                      channels_last=False)
-    crops, _ = next(iter(ten))
-    tiles = list(denormalize(images, pca)) + list(denormalize(crops[0], pca))
+    data = Prepared.open(out)
+    rt = Runtime.start(device, "fp32", channels_last=False, distributed=False)
+    images, _ = next(iter(train_loader(data, LoaderOptions(batch_size=n, seed=seed, pipelines=1), runtime=rt)))
+    split = "val" if "val" in data.manifest["splits"] else "train"
+    crops, _ = next(iter(eval_loader(data, LoaderOptions(batch_size=1), runtime=rt, split=split, ten_crop=True)))
+    tiles = list(denormalize(images, data.pca)) + list(denormalize(crops[0], data.pca))
     cols, size, gap = 8, tiles[0].shape[0], 4
-    rows = math.ceil(n / cols) + math.ceil(10 / cols)
-    grid = Image.new("RGB", (cols * (size + gap), rows * (size + gap)), (255, 255, 255))
-    for i, t in enumerate(tiles[:n]):
-        grid.paste(Image.fromarray(t), ((i % cols) * (size + gap), (i // cols) * (size + gap)))
     top = math.ceil(n / cols)
-    for i, t in enumerate(tiles[n:]):
-        grid.paste(Image.fromarray(t), ((i % cols) * (size + gap), (top + i // cols) * (size + gap)))
+    grid = Image.new("RGB", (cols * (size + gap), (top + math.ceil(10 / cols)) * (size + gap)), (255, 255, 255))
+    for i, t in enumerate(tiles):
+        row, col = (i // cols, i % cols) if i < n else (top + (i - n) // cols, (i - n) % cols)
+        grid.paste(Image.fromarray(t), (col * (size + gap), row * (size + gap)))
     grid.save(png)
 
 
@@ -451,13 +401,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--png", type=Path, required=True, help="where to write the image (required)")
     p.add_argument("--n", type=int, default=16, help="training crops to show")
     p.add_argument("--seed", type=int, default=0, help="the crops drawn")
-    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="auto: gpu if one is visible")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="(default: cuda if a GPU is visible, "
+                   "else cpu)")
     return p
 
 
 def _main(argv) -> int:
-    p = parser()
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     preview(args.out, args.png, args.n, args.seed, args.device)

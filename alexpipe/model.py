@@ -19,12 +19,13 @@ shapes are torchvision's and weights load either way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .util import UserError, imagenet_classes
+from .util import UserError, atomic_file, imagenet_classes
 
 ARCHS = ("paper", "torchvision")
 # What torchvision's ImageNet weights were trained with (0..1 values x 255).
@@ -34,8 +35,8 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
     """The paper's response normalization, b_i = a_i / (k + alpha * sum_j a_j^2)^beta, the sum
     over the `size` maps centred on i (clipped at the ends) within each of `groups` channel
     groups: torch's local_response_norm (which divides alpha by size) per group, in at least
-    float32 (bf16 squares lose the sum). Compiled, this ran the paper model faster on an H200
-    than a fused slice formulation or a pair of Triton kernels (docs/benchmarks.md)."""
+    float32 (bf16 squares lose the sum). Compiled, it beat the fused formulations tried
+    (docs/benchmarks.md)."""
     n, c, h, w = x.shape
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     y = nn.functional.local_response_norm(wide.reshape(n * groups, c // groups, h, w), size, alpha * size, beta, k)
@@ -115,35 +116,91 @@ def alexnet(arch: str, num_classes: int = 1000, groups: int = 1, dropout: float 
     raise UserError(f"unknown arch {arch!r} (choose {' or '.join(ARCHS)})")
 
 
+@dataclass
+class Checkpoint:
+    """What alexpipe-train writes after every epoch: enough to evaluate the model (its arch,
+    classes, normalization and weights) and to resume exactly (optimizer, scaler, schedule,
+    every rank's loader and RNG state, metrics, config), and the identity of the shards and
+    pca.json it was trained on, so that other data is refused."""
+    arch: str
+    groups: int
+    num_classes: int
+    classes: list
+    normalize: dict  # mean/std on 0..255 the model was trained with
+    epoch: int
+    model: dict
+    world: int = 1
+    pipelines: int = 1
+    echo: int = 1
+    optimizer: dict | None = None
+    scaler: dict | None = None
+    schedule: dict | None = None
+    metrics: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    manifest_sha256: str | None = None
+    pca_sha256: str | None = None
+    loader: list | None = None  # per rank
+    rng: list | None = None  # per rank
+
+    def save(self, path: Path) -> None:
+        """Atomic: the checkpoint before it stays whole until this one is (util.atomic_file)."""
+        with atomic_file(path) as f:
+            torch.save({f_.name: getattr(self, f_.name) for f_ in fields(self)}, f)
+
+    def check(self, path: Path, **expected) -> None:
+        """Refuse a checkpoint whose fields differ from `expected` (what a resume needs the same)."""
+        words = {"world": "number of ranks", "pipelines": "--pipelines", "echo": "--echo"}
+        for key, want in expected.items():
+            if key.endswith("sha256"):
+                if getattr(self, key) != want:
+                    raise UserError(f"{path}: trained on other shards or another pca.json")
+            elif getattr(self, key) != want:
+                raise UserError(f"{path}: a checkpoint with {words.get(key, key)} {getattr(self, key)}, not {want}")
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        return cls.from_state(read_torch_file(path), path)
+
+    @classmethod
+    def from_state(cls, state, path: Path, what: str = "an alexpipe-train checkpoint") -> Checkpoint:
+        names = {f_.name for f_ in fields(cls)}
+        if not (isinstance(state, dict) and {"arch", "model", "epoch"} <= set(state) <= names):
+            raise UserError(f"{path}: not {what}")
+        return cls(**state)
+
+
+def read_torch_file(path: Path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - not a torch file, or not loadable safely
+        raise UserError(f"{path}: not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
 def load_for_eval(path: Path) -> tuple[AlexNet, dict]:
     """A model from an alexpipe-train checkpoint, or from a bare torchvision-format AlexNet
     state_dict. Returns (model, info): arch, groups, num_classes, classes ([index, wnid,
     name] rows), normalize (the mean/std it was trained with, 0..255) and, for alexpipe
     checkpoints, the manifest sha256 and epoch."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - not a torch file, or not loadable safely
-        raise UserError(f"{path}: not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if isinstance(ckpt, dict) and "model" in ckpt and "arch" in ckpt:
-        info = {k: ckpt.get(k) for k in ("arch", "groups", "num_classes", "classes", "normalize", "manifest_sha256",
-                                         "epoch")}
-        state = ckpt["model"]
-    elif isinstance(ckpt, dict) and "features.0.weight" in ckpt:
-        state = ckpt
+    state = read_torch_file(path)
+    if isinstance(state, dict) and "features.0.weight" in state:
         n = state.get("classifier.6.weight", torch.empty(0, 0)).shape[0]
         info = {"arch": "torchvision", "groups": 1, "num_classes": n, "normalize": TORCHVISION_NORMALIZE,
                 "classes": [list(c) for c in imagenet_classes()] if n == 1000 else None,
                 "manifest_sha256": None, "epoch": None}
     else:
-        raise UserError(f"{path}: not an alexpipe checkpoint or a torchvision AlexNet state_dict")
+        ckpt = Checkpoint.from_state(state, path, "an alexpipe checkpoint or a torchvision AlexNet state_dict")
+        state = ckpt.model
+        info = {k: getattr(ckpt, k) for k in ("arch", "groups", "num_classes", "classes", "normalize",
+                                               "manifest_sha256", "epoch")}
     if info["arch"] not in ARCHS:
         raise UserError(f"{path}: unknown arch {info['arch']!r}")
     model = alexnet(info["arch"], info["num_classes"], info["groups"])
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the {info['arch']} AlexNet ({str(e).splitlines()[1].strip()})") from None
+        why = str(e).splitlines()[1].strip()
+        raise UserError(f"{path}: weights do not fit the {info['arch']} AlexNet ({why})") from None
     return model, info

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import dist
+from .dataset import Prepared
 from .eval import class_name
-from .loader import eval_loader
+from .loader import LoaderOptions, eval_loader
 from .model import load_for_eval
-from .util import Bar, Help, UserError, load_manifest, manifest_sha256, run_main, split_shards, write_json
+from .runtime import Runtime, cleanup, gather_objects
+from .util import Bar, Help, UserError, run_main, write_json
 
 MARGIN = 16  # candidates kept beyond k, so that the certificate rarely fails
 
@@ -50,7 +51,7 @@ class NeighborsConfig:
     k: int = 6
     queries: int = 8  # chosen by seed; 0 = every sample of the query split
     seed: int = 0
-    device: str = "cuda"
+    device: str | None = None  # cuda | cpu; default: cuda if a GPU is visible
     batch_size: int = 256
     chunk: int = 65536  # pool samples per matmul
     json: Path | None = None
@@ -68,17 +69,15 @@ def fc7(model, images: torch.Tensor) -> torch.Tensor:
     return model.classifier[:-1](x)
 
 
-def features(model, normalize: dict, split: str, cfg: NeighborsConfig, rank: int, world: int, show: bool):
-    """(features (n, 4096), labels (n,)) of this rank's range of `split`, in stored order."""
-    cuda = cfg.device == "cuda"
-    loader = eval_loader(cfg.out, cfg.batch_size, split=split, device="gpu" if cuda else "cpu", rank=rank,
-                         world_size=world, dtype="float16" if cuda else "float32", channels_last=cuda,
-                         normalize=normalize)
+def features(model, normalize: dict, data: Prepared, split: str, rt: Runtime, batch_size: int):
+    """(features (n, 4096), labels (n,)) of this rank's range of `split`, in stored order;
+    float16 on a GPU (ImageNet's 1.28M fit in 10.5 GB), float32 on the CPU."""
+    loader = eval_loader(data, LoaderOptions(batch_size=batch_size), runtime=rt, split=split, normalize=normalize)
     feats, labels = [], []
     model.eval()
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-        for images, y in Bar(loader, desc=f"features {split}", unit="batch", disable=not show):
-            feats.append(fc7(model, images).to(torch.float16 if cuda else torch.float32))
+    with torch.no_grad(), torch.autocast(rt.device.type, rt.amp_dtype or torch.float32, enabled=rt.cuda):
+        for images, y in Bar(loader, desc=f"features {split}", unit="batch", disable=not rt.main):
+            feats.append(fc7(model, images).to(torch.float16 if rt.cuda else torch.float32))
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -102,7 +101,8 @@ def search(queries: torch.Tensor, pool: torch.Tensor, keys: list[str], k: int, c
     `stats` counts the queries scanned again ("rescanned"). Queries go `block` at a time."""
     rank_of = torch.as_tensor(np.argsort(np.argsort(np.array(keys))), device=pool.device)  # key order
     p_max = max((float(pool[s:s + chunk].float().norm(dim=1).max()) for s in range(0, len(pool), chunk)), default=0.0)
-    found = [nearest(queries[b:b + block], pool, rank_of, k, chunk, p_max, stats) for b in range(0, len(queries), block)]
+    found = [nearest(queries[b:b + block], pool, rank_of, k, chunk, p_max, stats)
+             for b in range(0, len(queries), block)]
     return torch.cat([d for d, _ in found]), torch.cat([i for _, i in found])
 
 
@@ -172,53 +172,56 @@ def chosen(n: int, queries: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(n)[:queries].tolist())
 
 
+def gather_queries(cfg: NeighborsConfig, rt: Runtime, q: torch.Tensor, q_labels: torch.Tensor, n: int):
+    """The chosen queries' features and labels from every rank's range of the query split, on
+    every rank; and their positions in the split's stored order."""
+    lo, hi = share_range(n, rt.rank, rt.world)
+    mine = [p for p in chosen(n, cfg.queries, cfg.seed) if lo <= p < hi]
+    rows = torch.as_tensor([p - lo for p in mine], dtype=torch.long, device=q.device)
+    parts = gather_objects((q[rows].cpu(), q_labels[rows].cpu(), mine))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).tolist(), [p for x in parts for p in x[2]]
+
+
+def merged(found: list, k: int) -> list:
+    """Rank 0's view: every rank's best k of each query, merged by (distance, key)."""
+    return [sorted((c for rank_found in found for c in rank_found[i]), key=lambda c: (c[0], c[1]))[:k]
+            for i in range(len(found[0]))]
+
+
 def find(cfg: NeighborsConfig) -> dict:
     """Every rank: its share of the pool's features and its best k per query; rank 0 merges.
     Returns {"queries": [...]} on rank 0 (None elsewhere) and the timings."""
-    d = dist.setup(cfg.device)
+    rt = Runtime.start(cfg.device)
     model, info = load_for_eval(cfg.checkpoint)
-    manifest = load_manifest(cfg.out)
-    if info["num_classes"] != len(manifest["classes"]):
+    data = Prepared.open(cfg.out)
+    if info["num_classes"] != len(data.classes):
         raise UserError(f"{cfg.checkpoint}: a model of {info['num_classes']} classes, but {cfg.out} has "
-                        f"{len(manifest['classes'])}")
-    pool_shards, query_shards = split_shards(manifest, cfg.out, cfg.pool), split_shards(manifest, cfg.out, cfg.query)
-    pool_keys, query_keys = stored_keys(pool_shards), stored_keys(query_shards)
+                        f"{len(data.classes)}")
+    pool_keys, query_keys = stored_keys(data.split(cfg.pool)), stored_keys(data.split(cfg.query))
     if cfg.k > len(pool_keys):
         raise UserError(f"--k {cfg.k} is more than the {len(pool_keys)} samples of split {cfg.pool!r}")
-    model = model.to(d.device, memory_format=torch.channels_last if cfg.device == "cuda" else torch.contiguous_format)
+    model = model.to(rt.device, memory_format=rt.memory_format)
     t0 = time.perf_counter()
-    pool, pool_labels = features(model, info["normalize"], cfg.pool, cfg, d.rank, d.world, d.main)
-    lo, _ = share_range(len(pool_keys), d.rank, d.world)
-    picked = chosen(len(query_keys), cfg.queries, cfg.seed)
-    qlo, qhi = share_range(len(query_keys), d.rank, d.world)
-    mine = [p for p in picked if qlo <= p < qhi]
-    if cfg.query == cfg.pool:
-        q, q_labels = pool, pool_labels
-    else:
-        q, q_labels = features(model, info["normalize"], cfg.query, cfg, d.rank, d.world, d.main)
-    rows = torch.as_tensor([p - qlo for p in mine], dtype=torch.long, device=q.device)
-    parts = dist.gather_objects((q[rows].cpu(), q_labels[rows].cpu(), mine))
-    queries = torch.cat([p[0] for p in parts]).to(pool.device)
-    labels = torch.cat([p[1] for p in parts]).tolist()
-    if cfg.device == "cuda":
+    pool, pool_labels = features(model, info["normalize"], data, cfg.pool, rt, cfg.batch_size)
+    q, q_labels = (pool, pool_labels) if cfg.query == cfg.pool else features(model, info["normalize"], data,
+                                                                             cfg.query, rt, cfg.batch_size)
+    queries, labels, positions = gather_queries(cfg, rt, q, q_labels, len(query_keys))
+    if rt.cuda:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    d2, idx = search(queries, pool, pool_keys[lo:lo + len(pool)], cfg.k, cfg.chunk)
+    lo, _ = share_range(len(pool_keys), rt.rank, rt.world)
+    d2, idx = search(queries.to(pool.device), pool, pool_keys[lo:lo + len(pool)], cfg.k, cfg.chunk)
     idx = idx.cpu()
     found = [[(float(d2[i, j]), pool_keys[lo + int(idx[i, j])], int(pool_labels[int(idx[i, j])]))
               for j in range(d2.shape[1])] for i in range(len(queries))]
-    t2 = time.perf_counter()
-    merged = dist.gather_objects(found)
-    if not d.main:
-        return {"queries": None, "model": model, "info": info}
-    out = []
-    for i, pos in enumerate(p for part in parts for p in part[2]):
-        best = sorted((c for rank_found in merged for c in rank_found[i]), key=lambda c: (c[0], c[1]))[:cfg.k]
-        out.append({"key": query_keys[pos], "label": labels[i],
-                    "neighbors": [{"key": key, "label": label, "distance": float(np.sqrt(d2_))}
-                                  for d2_, key, label in best]})
-    return {"queries": out, "model": model, "info": info, "feature_seconds": t1 - t0, "search_seconds": t2 - t1,
-            "pool": len(pool_keys), "ranks": d.world}
+    t2, found = time.perf_counter(), gather_objects(found)
+    if not rt.main:
+        return {"queries": None}
+    out = [{"key": query_keys[pos], "label": label,
+            "neighbors": [{"key": key, "label": lab, "distance": float(np.sqrt(d))} for d, key, lab in best]}
+           for pos, label, best in zip(positions, labels, merged(found, cfg.k))]
+    return {"queries": out, "info": info, "data": data, "feature_seconds": t1 - t0, "search_seconds": t2 - t1,
+            "pool": len(pool_keys), "ranks": rt.world}
 
 
 def agreement(queries: list[dict], same_split: bool) -> tuple[int, int]:
@@ -230,10 +233,10 @@ def agreement(queries: list[dict], same_split: bool) -> tuple[int, int]:
     return hits, len(queries)
 
 
-def read_images(out: Path, split: str, keys: set[str]) -> dict[tuple[str, str], np.ndarray]:
+def read_images(data: Prepared, split: str, keys: set[str]) -> dict[tuple[str, str], np.ndarray]:
     """The stored images of `keys` by (split, key), center-cropped to 224 (what the features saw)."""
     found = {}
-    for s in split_shards(load_manifest(out), out, split):
+    for s in data.split(split):
         with open(s["tar"], "rb") as f:
             for line in Path(s["idx"]).read_text().splitlines()[1:]:
                 fields = line.split()
@@ -249,14 +252,14 @@ def read_images(out: Path, split: str, keys: set[str]) -> dict[tuple[str, str], 
     return found
 
 
-def figure(queries: list[dict], cfg: NeighborsConfig, classes, rows: int = 8):
+def figure(queries: list[dict], cfg: NeighborsConfig, data: Prepared, classes, rows: int = 8):
     """The paper's Figure 4, right: a query, then its neighbours; same-class ones framed green."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     shown = queries[:rows]
-    images = read_images(cfg.out, cfg.query, {q["key"] for q in shown})
-    images.update(read_images(cfg.out, cfg.pool, {n["key"] for q in shown for n in q["neighbors"]}))
+    images = read_images(data, cfg.query, {q["key"] for q in shown})
+    images.update(read_images(data, cfg.pool, {n["key"] for q in shown for n in q["neighbors"]}))
     cols = 1 + cfg.k
     fig, axes = plt.subplots(len(shown), cols, figsize=(1.6 * cols, 1.8 * len(shown)), squeeze=False)
     for r, q in enumerate(shown):
@@ -318,11 +321,11 @@ def _main(argv) -> int:
         r = find(cfg)
         if r["queries"] is not None:
             queries = r["queries"]
-            name = f"neighbors-{cfg.query}-in-{cfg.pool}-{manifest_sha256(cfg.out)[:8]}"  # other shards: other files
+            name = f"neighbors-{cfg.query}-in-{cfg.pool}-{r['data'].identity[:8]}"  # other shards: other files
             json_path = cfg.json or cfg.checkpoint.parent / f"{name}.json"
             png_path = cfg.png or json_path.with_suffix(".png")
             write_json(json_path, queries)
-            fig = figure(queries, cfg, r["info"]["classes"])
+            fig = figure(queries, cfg, r["data"], r["info"]["classes"])
             fig.savefig(png_path, dpi=100)
             hits, n = agreement(queries, cfg.query == cfg.pool)
             print(f"{n} {cfg.query} queries against {r['pool']} {cfg.pool} samples, k={cfg.k}, {r['ranks']} rank(s): "
@@ -330,7 +333,7 @@ def _main(argv) -> int:
                   f"neighbour (other than the query itself) shares the query's label for {hits} of {n}")
             print(f"wrote {json_path} and {png_path}")
     finally:
-        dist.cleanup()
+        cleanup()
     return 0
 
 

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dataset import Prepared, check_shards, find_bad_sample
 from .pipeline import READER, decoded_pipeline
-from .util import (Bar, Help, UserError, check_shards, config_dict, default_workers, find_bad_sample, load_manifest,
-                   manifest_sha256, print_config, run_main, split_shards, write_json)
+from .runtime import Runtime
+from .util import Bar, Help, UserError, config_dict, default_workers, print_config, run_main, write_json
 
 GROUPS = 16  # jackknife groups: image ordinal mod 16
 # fb.resnet.torch's widely used ImageNet values (pixels on 0..1), for comparison only.
@@ -42,14 +43,12 @@ FB_RESNET_EIGVEC = [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.
 class PCAConfig:
     out: Path
     split: str = "train"
-    device: str = "auto"
+    device: str | None = None  # cuda | cpu; default: cuda if a GPU is visible
     workers: int = field(default_factory=default_workers)
     fraction: float = 1.0
     seed: int = 0
-    # default 256 on GPU, 32 on CPU: a batch is padded to its largest image before the
-    # float64 reduction, and on 2 CPU cores batch 256 ran at 82 images/s, batch 32 at 255
-    batch_size: int | None = None
-    pipelines: int | None = None  # default 4 on GPU (more decodes in flight), 1 on CPU
+    batch_size: int | None = None  # default 256 on a GPU, 32 on the CPU (its float64 matmul pads every image)
+    pipelines: int | None = None  # default 4 on a GPU (more decodes in flight), 1 on the CPU
     output: Path | None = None  # default OUT/pca.json
 
 
@@ -119,19 +118,6 @@ def choose_shards(shards: list[dict], fraction: float, seed: int) -> list[dict]:
     return [shards[i] for i in pick]
 
 
-def resolve_device(device: str) -> str:
-    if device not in ("auto", "cpu", "gpu"):
-        raise UserError(f"--device must be cpu, gpu or auto, got {device!r}")
-    if device == "cpu":
-        return "cpu"
-    import torch
-    if torch.cuda.is_available():
-        return "gpu"
-    if device == "gpu":
-        raise UserError("--device gpu: no CUDA GPU is visible (use --device cpu)")
-    return "cpu"
-
-
 def sums_elementwise(images: torch.Tensor):
     """Per image of a (B, N, 3) uint8 batch of pixels: channel sums [r, g, b], squares
     [rr, gg, bb] and cross products [rg, gb, br], each (B, 3) int64: products of 0..255
@@ -151,90 +137,95 @@ def sums_matmul(images: torch.Tensor):
 
 
 def image_sums(images: torch.Tensor):
-    """On CUDA the elementwise form (the batched fp64 matmul, with its 3x3 outputs, ran at
-    6k images/s on an H100); on CPU the matmul form (BLAS; the elementwise one ran 3x
-    slower on 2 cores). tests/test_pca.py checks that both give the same integers."""
+    """On CUDA the elementwise form, on the CPU the matmul form (each is the faster there:
+    docs/benchmarks.md); tests/test_pca.py checks that both give the same integers."""
     return (sums_elementwise if images.is_cuda else sums_matmul)(images)
 
 
 IN_FLIGHT = 4  # batches whose sums are still being computed on the GPU when the next is read
 
 
-def accumulate(shards: list[dict], device: str, workers: int, batch_size: int,
-               in_flight: int = IN_FLIGHT, pipelines: int = 1) -> tuple[np.ndarray, float]:
-    """The streaming pass over every image of `shards`: one exact row of sums per
-    jackknife group (image ordinal mod GROUPS), as a (GROUPS, ROW) object array, and the
-    time.perf_counter() at which the first batch arrived (the end of the start-up).
-
-    `pipelines` DALI pipelines read disjoint ranges of the shards, batches taken in turn, with
-    workers // pipelines threads each (more decodes in flight). The host waits for a batch's
-    sums only `in_flight` batches later (a CUDA event per batch; its DALI buffer is held until
-    then), so the host never stalls the decoder."""
-    total_images = sum(s["count"] for s in shards)
+def decoded_batches(shards: list[dict], device: str, workers: int, batch_size: int, pipelines: int):
+    """Every image of `shards` once, as (pixels (k, N, 3) uint8 zero-padded, shapes (k, 3))
+    batches on the decoding device: `pipelines` DALI pipelines read disjoint ranges of the
+    shards, taken in turn (more decodes in flight), workers // pipelines threads each."""
+    total = sum(s["count"] for s in shards)
     pipes = [decoded_pipeline(shards, device, p, pipelines, batch_size=batch_size,
                               num_threads=max(1, workers // pipelines), device_id=0 if device == "gpu" else None,
                               prefetch_queue_depth=2) for p in range(pipelines)]
     for pipe in pipes:
         pipe.build()
-    if pipes[0].epoch_size(READER) != total_images:
-        raise UserError(f"the shards hold {pipes[0].epoch_size(READER)} samples, the manifest says {total_images}")
-    left = [total_images * (p + 1) // pipelines - total_images * p // pipelines for p in range(pipelines)]
+    if pipes[0].epoch_size(READER) != total:
+        raise UserError(f"the shards hold {pipes[0].epoch_size(READER)} samples, the manifest says {total}")
+    left = [total * (p + 1) // pipelines - total * p // pipelines for p in range(pipelines)]
+    turn = 0
+    while any(left):
+        p = turn % pipelines
+        turn += 1
+        if not left[p]:
+            continue
+        try:
+            images, shapes = pipes[p].run()
+        except RuntimeError as e:
+            raise UserError(find_bad_sample(shards) or f"decoding failed: {str(e).splitlines()[0]}") from None
+        k = min(len(shapes), left[p])  # drop the range's padding
+        left[p] -= k
+        yield torch.from_dlpack(images.as_tensor())[:k], np.asarray(shapes.as_tensor())[:k].astype(np.int64)
+
+
+def start_sums(x: torch.Tensor, shapes: np.ndarray, ordinal: int) -> tuple:
+    """Launch a batch's sums; on CUDA they come back through pinned memory, with an event to
+    wait on later (the batch's pixels are held until then, as DALI reuses its buffers)."""
+    sums, event = torch.cat(image_sums(x), 1), None
+    if sums.is_cuda:
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        sums, event = host, torch.cuda.Event()
+        event.record()
+    return event, sums, x, shapes, ordinal
+
+
+def add_sums(groups: np.ndarray, event, sums, _pixels, shapes: np.ndarray, start: int) -> None:
+    """A batch's per-image sums into the jackknife groups (image ordinal mod GROUPS), exactly."""
+    if event is not None:
+        event.synchronize()
+    s = sums.numpy()  # (k, 9): r g b, rr gg bb, rg gb br
+    k = len(s)
+    prods = s[:, 3:4], s[:, 6:7], s[:, 8:9], s[:, 4:5], s[:, 7:8], s[:, 5:6]  # rr rg rb gg gb bb
+    rows = np.concatenate([np.ones((k, 1), np.int64), shapes[:, :1] * shapes[:, 1:2], s[:, :3], *prods], axis=1)
+    batch = np.zeros((GROUPS, ROW), np.int64)  # within a batch int64 cannot overflow
+    np.add.at(batch, (start + np.arange(k)) % GROUPS, rows)
+    groups[...] += batch.astype(object)
+
+
+def accumulate(shards: list[dict], device: str, workers: int, batch_size: int,
+               in_flight: int = IN_FLIGHT, pipelines: int = 1) -> tuple[np.ndarray, float]:
+    """The streaming pass over every image of `shards`: one exact row of sums per jackknife
+    group, as a (GROUPS, ROW) object array, and the time.perf_counter() at which the first
+    batch arrived (the end of the start-up). The host waits for a batch's sums only
+    `in_flight` batches later, so it never stalls the decoder."""
     groups = np.zeros((GROUPS, ROW), dtype=object)
-    pending = collections.deque()
-
-    def finish(event, sums, _images, shapes, start):
-        if event is not None:
-            event.synchronize()
-        s = sums.numpy()  # (k, 9): r g b, rr gg bb, rg gb br
-        k = len(s)
-        prods = s[:, 3:4], s[:, 6:7], s[:, 8:9], s[:, 4:5], s[:, 7:8], s[:, 5:6]  # rr rg rb gg gb bb
-        rows = np.concatenate([np.ones((k, 1), np.int64), shapes[:, :1] * shapes[:, 1:2], s[:, :3], *prods], axis=1)
-        batch = np.zeros((GROUPS, ROW), np.int64)  # within a batch int64 cannot overflow
-        np.add.at(batch, (start + np.arange(k)) % GROUPS, rows)
-        groups[...] += batch.astype(object)
-
-    ordinal, first, turn = 0, None, 0
-    with Bar(total=total_images, unit="img", desc="pca", smoothing=0.05) as bar:
-        while ordinal < total_images:
-            while not left[turn % pipelines]:
-                turn += 1
-            p = turn % pipelines
-            try:
-                images, shapes = pipes[p].run()
-            except RuntimeError as e:
-                where = find_bad_sample(shards)
-                raise UserError(where or f"decoding failed: {str(e).splitlines()[0]}") from None
+    pending, ordinal, first = collections.deque(), 0, None
+    with Bar(total=sum(s["count"] for s in shards), unit="img", desc="pca", smoothing=0.05) as bar:
+        for x, shapes in decoded_batches(shards, device, workers, batch_size, pipelines):
             first = first or time.perf_counter()
-            k = min(len(shapes), left[p])  # drop the range's padding
-            left[p] -= k
-            turn += 1
-            x = torch.from_dlpack(images.as_tensor())[:k]
-            sums = torch.cat(image_sums(x), 1)
-            event = None
-            if sums.is_cuda:
-                host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
-                host.copy_(sums, non_blocking=True)
-                sums, event = host, torch.cuda.Event()
-                event.record()
-            pending.append((event, sums, x, np.asarray(shapes.as_tensor())[:k].astype(np.int64), ordinal))
+            pending.append(start_sums(x, shapes, ordinal))
             if len(pending) > in_flight:
-                finish(*pending.popleft())
-            ordinal += k
-            bar.update(k)
+                add_sums(groups, *pending.popleft())
+            ordinal += len(x)
+            bar.update(len(x))
         while pending:
-            finish(*pending.popleft())
+            add_sums(groups, *pending.popleft())
     return groups, first
 
 
 def compute(cfg: PCAConfig) -> dict:
-    manifest = load_manifest(cfg.out)
+    data = Prepared.open(cfg.out, pca=False)
     if not 0 < cfg.fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1], got {cfg.fraction}")
-    device = resolve_device(cfg.device)
-    shards = choose_shards(split_shards(manifest, cfg.out, cfg.split), cfg.fraction, cfg.seed)
-    if not shards:
-        raise UserError(f"{cfg.out}: split {cfg.split!r} has no samples")
-    check_shards(shards, hash_them=True, workers=cfg.workers, show=True)
+    device = "gpu" if Runtime.start(cfg.device, distributed=False).cuda else "cpu"
+    shards = choose_shards(data.split(cfg.split), cfg.fraction, cfg.seed)
+    check_shards(shards, verify=True, workers=cfg.workers, show=True)
     t0 = time.perf_counter()
     batch_size = cfg.batch_size or (256 if device == "gpu" else 32)
     pipelines = cfg.pipelines or (4 if device == "gpu" else 1)
@@ -252,7 +243,7 @@ def compute(cfg: PCAConfig) -> dict:
         "decoder": "nvjpeg (DALI mixed)" if device == "gpu" else "libjpeg-turbo (DALI cpu)",
         "sums": {"pixels": str(total[1]), "s": [str(v) for v in total[2:5]],
                  "rr_rg_rb_gg_gb_bb": [str(v) for v in total[5:]]},
-        "manifest_sha256": manifest_sha256(cfg.out),
+        "manifest_sha256": data.identity,
         "seconds": round(seconds, 2), "images_per_second": round(int(total[0]) / seconds, 1),
         # start-up (pipeline build, decoder init, first batch) apart: it does not grow with the data
         "startup_seconds": round(startup, 2),
@@ -290,8 +281,8 @@ def parser() -> argparse.ArgumentParser:
                                             "prepared split, for normalization and AlexNet's PCA lighting.")
     p.add_argument("out", type=Path, help="the directory alexpipe-prepare wrote")
     p.add_argument("--split", default="train", help="the split to measure")
-    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"],
-                   help="gpu (DALI's nvJPEG decoder), cpu, or auto (gpu if one is visible)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                   help="decode with nvJPEG on the GPU, or on the CPU (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--workers", type=int, default=default_workers(), help="DALI threads in all (default: all cores, "
                    "here %(default)s)")
     p.add_argument("--fraction", type=float, default=1.0, help="use a seeded random subset of the shards")

@@ -30,7 +30,9 @@ def decode(jpegs, device: str, hw_decoder_load: float = 1.0, cache_mb: int = 0):
     are full, and later epochs copy cached images instead of decoding them."""
     if device != "gpu":
         return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-    cache = dict(cache_size=cache_mb, cache_type="threshold", cache_threshold=0, cache_batch_copy=True) if cache_mb else {}
+    cache = {}
+    if cache_mb:
+        cache = dict(cache_size=cache_mb, cache_type="threshold", cache_threshold=0, cache_batch_copy=True)
     return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load, **cache)
 
 
@@ -41,8 +43,8 @@ def decoded_pipeline(shards: list[dict], device: str, shard_id: int = 0, num_sha
     zero-padded to the batch's largest pixel count (so the batch is one dense tensor;
     zeros add nothing to pixel sums), with its true shape (H, W, C). Padding the flat
     pixels, not to the largest height and width, keeps a batch of mixed portrait and
-    landscape images small: 21.9k vs 18.1k images/s for alexpipe-pca on an H100 (measured).
-    The shard is padded with its last sample to a whole batch (the caller drops the padding)."""
+    landscape images small. The shard is padded with its last sample to a whole batch (the
+    caller drops the padding)."""
     jpegs = read_shards(shards, ["jpg"], shard_id, num_shards, pad_last_batch=True)
     pixels = fn.reshape(decode(jpegs, device, hw_decoder_load), shape=[-1, 3])
     return fn.pad(pixels, fill_value=0), fn.peek_image_shape(jpegs)
@@ -60,9 +62,8 @@ MAX_LABEL_DIGITS = 8
 
 def label_bytes(cls, device: str):
     """A .cls component (ASCII decimal) zero-padded to MAX_LABEL_DIGITS bytes, on the
-    output device; loader.parse_labels turns a batch of them into int64. Parsing inside
-    the graph (Horner's rule with DALI arithmetic, ~40 tiny CPU ops per sample) cut an
-    H100's loader from 26-31k to 11k images/s (measured); one pad is free."""
+    output device; loader.parse_labels turns a batch of them into int64 (parsing in the
+    graph takes ~40 tiny CPU ops a sample; one pad is free)."""
     padded = fn.pad(cls, shape=[MAX_LABEL_DIGITS], fill_value=0)
     return padded.gpu() if device == "gpu" else padded
 
@@ -75,8 +76,7 @@ def lighting_mean(mean, eigval, eigvec, sigma: float):
     eigval is for pixels on 0..255; the shift follows fb.resnet.torch and the paper with
     pixels on 0..1 (eigenvalues of the 0..1 covariance, eigval / 255^2) scaled back by 255:
     255 * eigvec @ (alpha * eigval / 255^2). One coord_transform on alpha (as a 1x3 point)
-    does it: measured free on an H100, where per-channel arithmetic cost 35%.
-    Returns (mean_s, alpha)."""
+    does it, where per-channel arithmetic would cost a pass. Returns (mean_s, alpha)."""
     alpha = fn.random.normal(stddev=sigma, shape=(1, 3), dtype=types.FLOAT)
     m = [-eigvec[i][j] * eigval[j] / 255.0 for i in range(3) for j in range(3)]
     mean_s = fn.reshape(fn.coord_transform(alpha, M=m, T=list(mean)), shape=[3])

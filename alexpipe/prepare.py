@@ -2,7 +2,7 @@
 
 Why offline: decoding a full-size ImageNet JPEG (avg ~400x350, up to several thousand
 pixels a side) and resizing it costs far more than the training step needs; doing it once
-leaves the GPU loader a ~30 KB 256-px JPEG per sample that nvJPEG decodes at >25k/s.
+leaves the GPU loader a ~30 KB 256-px JPEG per sample.
 
 Each image is decoded by content (PIL sniffs the format, so a PNG named .JPEG works),
 converted to RGB (grayscale replicated, CMYK through PIL's conversion, transparency
@@ -45,8 +45,9 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .util import (MANIFEST, MANIFEST_FORMAT, Bar, DiskFull, Help, UserError, atomic_file, atomic_write_bytes, config_dict, default_workers,
-                   imagenet_classes, print_config, read_json, run_main, sha256_file, write_json)
+from .dataset import MANIFEST, MANIFEST_FORMAT, read_manifest
+from .util import (Bar, DiskFull, Help, UserError, atomic_file, atomic_write_bytes, config_dict, default_workers,
+                   imagenet_classes, print_config, run_main, sha256_file, write_json)
 
 SHORT_SIDE = 256
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -59,9 +60,7 @@ class PrepareConfig:
     out: Path
     split: str = "both"
     workers: int = field(default_factory=default_workers)
-    # ~30 KB per 256-px q90 ImageNet JPEG (measured on the 500-image sample): 5000 samples
-    # make ~150 MB shards, and ImageNet's train set 257 shards.
-    shard_size: int = 5000
+    shard_size: int = 5000  # ~150 MB shards of ~30 KB JPEGs; ImageNet's train set in 257
     seed: int = 0
     quality: int = 90
     center_crop: bool = False
@@ -241,9 +240,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def resize(rgb: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Antialiased bicubic resize with torch's uint8 kernel on an HWC (channels_last) view:
-    PIL's filter (within 2 of 255 levels, mean difference 0.003), at 0.66 ms instead of
-    PIL's 2.41 ms for a 500x375 ImageNet JPEG to 341x256 - PIL's resize was half of a
-    worker's time (measured on the dev box, one thread)."""
+    PIL's filter (within 2 of 255 levels), at a quarter of PIL's time, which was half of a
+    worker's (docs/benchmarks.md)."""
     x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None]
     y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode=RESAMPLE, antialias=True)
     return Image.fromarray(y[0].permute(1, 2, 0).numpy())
@@ -264,9 +262,8 @@ def load_resized(path, center_crop: bool, draft: bool = True) -> tuple[Image.Ima
 def tar_members(key: str, files: dict[str, bytes]) -> tuple[bytes, list[str]]:
     """One sample's files as tar bytes (USTAR headers from tarfile, data padded to 512)
     and their DALI index entries 'ext offset size name' with offsets from the sample's
-    start. Built in the workers: tarfile's writer in the single writing process cost
-    0.8 ms of CPU per sample (measured, 14% of a worker's decode+resize+encode), which
-    capped the scaling over workers; now the writer only concatenates."""
+    start. Built in the workers, so that the single writing process only concatenates
+    (tarfile's writer there capped the scaling over workers)."""
     chunks, entries, pos = [], [], 0
     for ext in sorted(files):
         data = files[ext]
@@ -321,8 +318,9 @@ def index_text(tar_path: Path) -> tuple[str, int]:
 
 def write_shard(tar_path: Path, items: list[Item], results) -> dict:
     """Stream one shard's samples into a temporary tar (hashing as it goes), fsync, rename,
-    then write its index (util.atomic_file: a full disk leaves no part of it behind). Returns the shard's record (without the job id). The bytes equal
-    what tarfile.TarFile would write for the same members."""
+    then write its index (util.atomic_file: a full disk leaves no part of it behind). Returns
+    the shard's record (without the job id). The bytes equal what tarfile.TarFile would write
+    for the same members."""
     rejected, lines, pos, pixels = [], [], 0, 0
     sha = hashlib.sha256()
     with atomic_file(tar_path) as f:
@@ -339,7 +337,8 @@ def write_shard(tar_path: Path, items: list[Item], results) -> dict:
             pos += len(member)
         end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # end-of-archive, padded to a whole record
         put(end + tarfile.NUL * (-(pos + len(end)) % tarfile.RECORDSIZE))
-    atomic_write_bytes(tar_path.with_suffix(".idx"), f"v1.2 {len(lines)}\n{''.join(x + chr(10) for x in lines)}".encode())
+    atomic_write_bytes(tar_path.with_suffix(".idx"), f"v1.2 {len(lines)}\n{''.join(x + chr(10) for x in lines)}"
+                       .encode())
     return {"count": len(lines), "bytes": tar_path.stat().st_size, "sha256": sha.hexdigest(),
             "pixels": pixels, "rejected": rejected}
 
@@ -356,64 +355,65 @@ def job_id(cfg: PrepareConfig, split: str, items: list[Item]) -> str:
     return h.hexdigest()
 
 
-def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> dict:
-    """Write (or complete) one split's shards; return its manifest entry."""
-    out = cfg.out / split
-    parts = out / ".parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):
-        stale.unlink()  # a temporary left by a killed run
-    job = job_id(cfg, split, items)
-    n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
-    records, todo = {}, []
+def finished_shards(cfg: PrepareConfig, split: str, job: str, n_shards: int) -> dict[int, dict]:
+    """The records of this split's shards that a run of the same job completed; a record of
+    another job is refused, so no shard of other files or settings is ever reused."""
+    out, records = cfg.out / split, {}
     for k in range(n_shards):
         name = f"{split}-{k:06d}"
-        rec_path = parts / f"{name}.json"
+        rec_path = out / ".parts" / f"{name}.json"
         rec = json.loads(rec_path.read_text()) if rec_path.exists() else None
         if rec is not None and rec.get("job") != job:
             raise UserError(f"{out}: written by another run (other source files or settings); "
                             f"use a new OUT or delete {out}")
         if rec is not None and (out / f"{name}.tar").exists() and (out / f"{name}.idx").exists():
             records[k] = rec
-        else:
-            todo.append(k)
-    done_items = sum(min(cfg.shard_size, len(items) - k * cfg.shard_size) for k in records)
-    if records:
-        print(f"{split}: {len(records)} of {n_shards} shards already complete, resuming", flush=True)
-    convert = partial(convert_one, cfg.src, cfg.center_crop, cfg.quality)
+    return records
 
-    def submit(k):
-        shard_items = items[k * cfg.shard_size:(k + 1) * cfg.shard_size]
-        tasks = enumerate(shard_items, start=k * cfg.shard_size)  # sample key = position in the split
-        return k, shard_items, pool.imap(convert, tasks, chunksize=16)
+
+def write_shards(cfg: PrepareConfig, split: str, items: list[Item], todo: list[int], pool, bar, job: str):
+    """Convert and write the shards `todo`, yielding (k, record) as each is complete. The next
+    shard's images are queued while one is written, so workers never idle at a shard
+    boundary; at most two shards' results are in memory."""
+    convert = partial(convert_one, cfg.src, cfg.center_crop, cfg.quality)
+    pending = collections.deque()
 
     def counted(results):
         for r in results:
             bar.update()
             yield r
 
-    # Keep the next shard's images queued while this shard is written, so workers never idle
-    # at a shard boundary; at most two shards' results are in memory.
-    pending = collections.deque()
+    for k in todo + [None]:
+        if k is not None:
+            shard_items = items[k * cfg.shard_size:(k + 1) * cfg.shard_size]
+            tasks = enumerate(shard_items, start=k * cfg.shard_size)  # sample key = position in the split
+            pending.append((k, shard_items, pool.imap(convert, tasks, chunksize=16)))
+        while pending and (len(pending) == 2 or k is None):
+            k_done, shard_items, results = pending.popleft()
+            name = f"{split}-{k_done:06d}"
+            rec = write_shard(cfg.out / split / f"{name}.tar", shard_items, counted(results))
+            if cfg.strict and rec["rejected"]:
+                path, why = rec["rejected"][0]
+                raise UserError(f"{cfg.src / path}: {why} (--strict)")
+            write_json(cfg.out / split / ".parts" / f"{name}.json", {**rec, "job": job})
+            yield k_done, rec
 
-    def finish_oldest():
-        k, shard_items, results = pending.popleft()
-        name = f"{split}-{k:06d}"
-        rec = write_shard(out / f"{name}.tar", shard_items, counted(results))
-        if cfg.strict and rec["rejected"]:
-            path, why = rec["rejected"][0]
-            raise UserError(f"{cfg.src / path}: {why} (--strict)")
-        rec["job"] = job
-        write_json(parts / f"{name}.json", rec)
-        records[k] = rec
 
-    with Bar(total=len(items), initial=done_items, unit="img", desc=split, smoothing=0.05) as bar:
-        for k in todo:
-            pending.append(submit(k))
-            if len(pending) == 2:
-                finish_oldest()
-        while pending:
-            finish_oldest()
+def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> dict:
+    """Write (or complete) one split's shards; return its manifest entry."""
+    out = cfg.out / split
+    (out / ".parts").mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):
+        stale.unlink()  # a temporary left by a killed run
+    job = job_id(cfg, split, items)
+    n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
+    records = finished_shards(cfg, split, job, n_shards)
+    if records:
+        print(f"{split}: {len(records)} of {n_shards} shards already complete, resuming", flush=True)
+    done = sum(min(cfg.shard_size, len(items) - k * cfg.shard_size) for k in records)
+    todo = [k for k in range(n_shards) if k not in records]
+    with Bar(total=len(items), initial=done, unit="img", desc=split, smoothing=0.05) as bar:
+        records.update(write_shards(cfg, split, items, todo, pool, bar, job))
     shards = [records[k] for k in range(n_shards)]
     rejected = [r for s in shards for r in s["rejected"]]
     atomic_write_bytes(out / "rejected.tsv",
@@ -428,9 +428,10 @@ def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> di
     }
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """The whole job; returns the manifest."""
-    items, classes, labelling, val_source = scan(cfg)
+def earlier_manifest(cfg: PrepareConfig, settings: dict, classes: list) -> dict | None:
+    """OUT's manifest from an earlier run, if any: splits are added to it one at a time, and
+    one written with other settings or classes is refused."""
+    path = cfg.out / MANIFEST
     try:
         cfg.out.mkdir(parents=True, exist_ok=True)
         probe = cfg.out / ".alexpipe-write-test"
@@ -438,38 +439,43 @@ def prepare(cfg: PrepareConfig) -> dict:
         probe.unlink()
     except OSError as e:
         raise UserError(f"{cfg.out}: not writable ({e.strerror})") from None
-    settings = {"short_side": SHORT_SIDE, "center_crop": cfg.center_crop, "quality": cfg.quality,
-                "seed": cfg.seed, "shard_size": cfg.shard_size, "resample": f"{RESAMPLE}, antialiased (torch uint8)",
-                "labels": labelling}
-    manifest_path = cfg.out / MANIFEST
-    old = read_json(manifest_path, "manifest") if manifest_path.exists() else None
-    as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples read back as lists
-    if old is not None and (old.get("settings") != settings or old.get("classes") != as_json(classes)):
+    old = read_manifest(cfg.out) if path.exists() else None
+    as_json = json.loads(json.dumps(classes))  # tuples read back as lists
+    if old is not None and (old.get("settings") != settings or old.get("classes") != as_json):
         what = "settings" if old.get("settings") != settings else "classes"
-        raise UserError(f"{manifest_path}: OUT was prepared with other {what} "
+        raise UserError(f"{path}: OUT was prepared with other {what} "
                         f"({old.get('settings') if what == 'settings' else 'another class list'}); use a new OUT")
+    return old
+
+
+def say_labels(items: dict, classes: list, labelling: str, val_source: str | None) -> None:
     if labelling == "imagenet":
-        print(f"labels: standard ILSVRC-2012 indices ({len({i.wnid for its in items.values() for i in its})} "
-              f"of the 1000 classes present)")
+        present = len({i.wnid for its in items.values() for i in its})
+        print(f"labels: standard ILSVRC-2012 indices ({present} of the 1000 classes present)")
     else:
-        print(f"labels: folder names are not ImageNet wnids; using sorted folder order "
-              f"({len(classes)} classes)")
+        print(f"labels: folder names are not ImageNet wnids; using sorted folder order ({len(classes)} classes)")
     if val_source == "class folders":
         print(f"val labels: {val_source}")
     print(flush=True)
-    splits = dict(old["splits"]) if old else {}
-    t0 = time.perf_counter()
-    n_images = 0
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """The whole job; returns the manifest."""
+    items, classes, labelling, val_source = scan(cfg)
+    settings = {"short_side": SHORT_SIDE, "center_crop": cfg.center_crop, "quality": cfg.quality,
+                "seed": cfg.seed, "shard_size": cfg.shard_size, "resample": f"{RESAMPLE}, antialiased (torch uint8)",
+                "labels": labelling}
+    old = earlier_manifest(cfg, settings, classes)
+    say_labels(items, classes, labelling, val_source)
+    splits, t0 = dict(old["splits"]) if old else {}, time.perf_counter()
     try:
         with Pool(cfg.workers, initializer=_init_worker) as pool:
             for split, its in items.items():
-                its = shuffled(its, cfg.seed)
-                splits[split] = prepare_split(cfg, split, its, pool)
-                n_images += len(its)
+                splits[split] = prepare_split(cfg, split, shuffled(its, cfg.seed), pool)
         manifest = {"format": MANIFEST_FORMAT, "alexpipe": __version__, "settings": settings,
                     "val_labels": val_source if val_source else (old or {}).get("val_labels"),
                     "classes": [list(c) for c in classes], "splits": splits}
-        write_json(manifest_path, manifest)
+        write_json(cfg.out / MANIFEST, manifest)
         write_json(cfg.out / "prepare-config.json", config_dict(cfg))
     except KeyboardInterrupt:
         print("\ncomplete shards are kept; rerun the same command to resume", file=sys.stderr)
@@ -483,8 +489,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         size = sum(x["bytes"] for x in s["shards"])
         print(f"{split}: {s['count']} samples in {len(s['shards'])} shards ({size / 1e6:.1f} MB), "
               f"{s['rejected']} rejected (see {cfg.out / split / 'rejected.tsv'})")
+    n_images = sum(len(its) for its in items.values())
     print(f"done in {dt:.1f} s ({n_images / dt:.0f} images/s with {cfg.workers} workers); "
-          f"manifest: {manifest_path}")
+          f"manifest: {cfg.out / MANIFEST}")
     return manifest
 
 
@@ -530,8 +537,7 @@ def verify_shard(out: Path, shard: dict, center_crop: bool) -> list[str]:
 
 
 def verify(out: Path, workers: int) -> int:
-    from .util import load_manifest
-    manifest = load_manifest(out)
+    manifest = read_manifest(out)
     center_crop = manifest["settings"]["center_crop"]
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     problems, n = [], 0
@@ -560,7 +566,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, nargs="?", help="output directory")
     p.add_argument("--split", choices=["train", "val", "both"], default="both",
                    help="which split to prepare; splits can be added to an OUT one at a time")
-    p.add_argument("--workers", type=int, default=default_workers(), help="processes (default: all cores, here %(default)s)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes (default: all cores, here %(default)s)")
     p.add_argument("--shard-size", type=int, default=PrepareConfig.shard_size, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")

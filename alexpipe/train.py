@@ -34,12 +34,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import dist
+from .dataset import Prepared
 from .eval import evaluate
-from .loader import cuda_queues_note, default_pipelines, eval_loader, load_pca, train_loader
-from .model import ARCHS, alexnet
-from .util import (Bar, DiskFull, Help, UserError, atomic_file, atomic_write_bytes, config_dict, load_manifest, manifest_sha256, print_config,
-                   run_main, sha256_file, write_json)
+from .loader import PIPELINES_GPU, DaliLoader, LoaderOptions, cuda_queues_note, eval_loader, train_loader
+from .model import ARCHS, Checkpoint, alexnet
+from .runtime import Runtime, broadcast_object, cleanup, gather_objects
+from .util import (Bar, DiskFull, Help, UserError, atomic_file, atomic_write_bytes, config_dict, print_config,
+                   run_main, write_json)
 
 BASE_BATCH = 128
 
@@ -60,13 +61,13 @@ class TrainConfig:
     patience: int = 5  # plateau: epochs without a 0.1-point val top-1 improvement before lr /= 10
     warmup_epochs: float | None = None  # default: 5 if the lr is scaled up, else 0
     lighting: float = 0.1
-    device: str = "cuda"
-    precision: str = "bf16"  # bf16 | fp16 | fp32 (CPU: fp32 unless asked)
+    device: str | None = None  # cuda | cpu; default: cuda if a GPU is visible
+    precision: str | None = None  # bf16 | fp16 | fp32; default: bf16 on cuda, fp32 on cpu
     channels_last: bool = True
     compile: bool = True
     seed: int = 0
     workers: int | None = None  # DALI threads per pipeline
-    pipelines: int | None = None  # DALI train pipelines per rank; default: loader.default_pipelines
+    pipelines: int | None = None  # DALI train pipelines per rank; default: 4 on cuda, 1 on cpu
     cache: str = "auto"  # decoded images in GPU memory: auto (if the rank's share fits) | gpu | off
     cache_gb: float | None = None
     echo: int = 1  # views of each decoded image per epoch; 1 is the paper's recipe
@@ -144,7 +145,7 @@ def train_epoch(model, loader, optimizer, schedule: Schedule, scaler, amp_dtype,
         values = torch.stack(window).float().cpu()
         bad = torch.nonzero(~torch.isfinite(values)).flatten()
         # every rank stops together (at the first bad step of any rank), so none waits in an all-reduce
-        firsts = [b for b in dist.gather_objects(int(bad[0]) if len(bad) else None) if b is not None]
+        firsts = [b for b in gather_objects(int(bad[0]) if len(bad) else None) if b is not None]
         if firsts:
             step = first_step + min(firsts) + 1
             raise Diverged(f"loss is not finite at epoch {epoch + 1}, step {step} (lr {lr:.3g}); "
@@ -167,9 +168,17 @@ def train_epoch(model, loader, optimizer, schedule: Schedule, scaler, amp_dtype,
         bar.update(len(window))
     bar.close()
     seconds = time.perf_counter() - t0
-    totals = dist.gather_objects((float(np.sum(losses)), len(losses), n_images))  # over all ranks
+    totals = gather_objects((float(np.sum(losses)), len(losses), n_images))  # over all ranks
     return {"train_loss": sum(t[0] for t in totals) / sum(t[1] for t in totals),
             "images_per_s": sum(t[2] for t in totals) / seconds, "lr": lr, "epoch_seconds": seconds}
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
 
 
 def rng_state() -> dict:
@@ -213,22 +222,148 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
         plt.close(fig)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic (util.atomic_file): the old checkpoint stays whole until the new one is."""
-    with atomic_file(path) as f:
-        torch.save(state, f)
+@dataclass
+class Run:
+    """What a run carries from epoch to epoch."""
+    model: torch.nn.Module  # the weights (saved, evaluated)
+    step_model: torch.nn.Module  # what trains: the model, in DDP and compiled where asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_data: DaliLoader
+    val_data: DaliLoader
+    schedule: Schedule
+    metrics: list[dict]
+    start: int  # the first epoch to run
 
 
-def save_epoch(run_dir: Path, ckpt_path: Path, state: dict, metrics: list[dict]) -> str | None:
+def check_config(cfg: TrainConfig) -> None:
+    """Before any process group: every rank refuses the same config alike."""
+    if cfg.arch not in ARCHS:
+        raise UserError(f"--arch must be one of {', '.join(ARCHS)}")
+    if cfg.schedule not in ("plateau", "step"):
+        raise UserError("--schedule must be plateau or step")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} does not divide over {world} ranks")
+
+
+def resolved(cfg: TrainConfig, rt: Runtime) -> TrainConfig:
+    """The defaults that depend on the device filled in (config.json and checkpoints record them)."""
+    return dataclasses.replace(cfg, device=rt.device.type, precision=rt.precision,
+                               pipelines=cfg.pipelines or (PIPELINES_GPU if rt.cuda else 1))
+
+
+def resume_from(cfg: TrainConfig, rt: Runtime, data: Prepared) -> Checkpoint | None:
+    """The --resume checkpoint, refused unless it fits this run: arch, ranks, loader layout,
+    and the very shards and pca.json it was trained on."""
+    if cfg.resume is None:
+        return None
+    ckpt = Checkpoint.load(cfg.resume)
+    ckpt.check(cfg.resume, arch=cfg.arch, groups=cfg.groups, world=rt.world, pipelines=cfg.pipelines, echo=cfg.echo,
+               manifest_sha256=data.identity, pca_sha256=data.pca_sha256)
+    return ckpt
+
+
+def run_dir_for(cfg: TrainConfig) -> Path:
+    """Where this run writes; an existing checkpoint there is only continued, never replaced."""
+    run_dir = cfg.run_dir or (Path(cfg.resume).parent if cfg.resume else cfg.out / "runs" / cfg.arch)
+    ckpt = run_dir / "checkpoint.pt"
+    # rank 0's filesystem decides for all ranks, so none goes on alone into a collective
+    if broadcast_object(ckpt.exists() and not (cfg.resume and ckpt.resolve() == Path(cfg.resume).resolve())):
+        raise UserError(f"{ckpt} exists: pass --resume {ckpt} or another --run-dir")
+    return run_dir
+
+
+def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+    scale = cfg.batch_size / BASE_BATCH
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (5 if scale > 1 else 0)
+    # Goyal et al.: from the unscaled lr up to the scaled one; an asked-for warmup at batch <= 128 starts at 0
+    return Schedule(warmup_from=cfg.lr if scale > 1 else 0.0, peak_lr=cfg.lr * scale, kind=cfg.schedule,
+                    steps_per_epoch=steps_per_epoch, warmup_steps=round(warmup * steps_per_epoch),
+                    step_epochs=cfg.step_epochs, patience=cfg.patience)
+
+
+def build(cfg: TrainConfig, rt: Runtime, data: Prepared, ckpt: Checkpoint | None) -> Run:
+    """Model, optimizer, loaders and schedule, from scratch or from the checkpoint."""
+    model = alexnet(cfg.arch, len(data.classes), cfg.groups, cfg.dropout).to(rt.device, memory_format=rt.memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=rt.cuda)  # one kernel for the whole step on CUDA
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
+    options = LoaderOptions(batch_size=cfg.batch_size // rt.world, threads=cfg.workers, pipelines=cfg.pipelines,
+                            seed=cfg.seed, lighting=cfg.lighting, echo=cfg.echo,
+                            cache=cfg.cache if rt.cuda else "off", cache_gb=cfg.cache_gb)
+    train_data = train_loader(data, options, runtime=rt, state=ckpt.loader[rt.rank] if ckpt else None,
+                              log=print if rt.main else None)
+    val_data = eval_loader(data, options, runtime=rt)
+    schedule, metrics, start = make_schedule(cfg, len(train_data)), [], 0
+    if ckpt:
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        for group in optimizer.param_groups:  # hyperparameters are this run's, the buffers the checkpoint's
+            group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        scaler.load_state_dict(ckpt.scaler)
+        progress = {k: ckpt.schedule[k] for k in ("drops", "best", "bad_epochs")}  # lr settings: this run's
+        schedule = dataclasses.replace(schedule, **progress)
+        set_rng_state(ckpt.rng[rt.rank])
+        metrics, start = ckpt.metrics, ckpt.epoch
+    step_model = model
+    if rt.world > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.cuda else None)
+    if cfg.compile and rt.cuda:
+        step_model = torch.compile(step_model)
+    return Run(model, step_model, optimizer, scaler, train_data, val_data, schedule, metrics, start)
+
+
+def announce(cfg: TrainConfig, rt: Runtime, data: Prepared, run: Run, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config_dict(cfg))
+    if data.pca.get("split") != "train" or data.pca.get("fraction", 1) < 1:
+        print(f"note: {cfg.out / 'pca.json'} was computed on split {data.pca.get('split')!r}, "
+              f"fraction {data.pca.get('fraction')}", flush=True)
+    print(f"{cfg.arch} AlexNet, {sum(p.numel() for p in run.model.parameters()):,} parameters, "
+          f"{len(data.classes)} classes; {rt.world} rank(s) x {cfg.batch_size // rt.world} = batch {cfg.batch_size}, "
+          f"peak lr {run.schedule.peak_lr:g}, {len(run.train_data)} steps/epoch; run dir {run_dir}", flush=True)
+
+
+def run_epoch(cfg: TrainConfig, rt: Runtime, run: Run, data: Prepared, epoch: int) -> dict:
+    """Train one epoch, evaluate (the uncompiled model: no recompiles), step the plateau
+    schedule; returns the epoch's row of metrics."""
+    m = train_epoch(run.step_model, run.train_data, run.optimizer, run.schedule, run.scaler, rt.amp_dtype, epoch,
+                    cfg.log_every, rt.main)
+    v = evaluate(run.model, run.val_data, rt.amp_dtype, len(data.classes), "val" if rt.main else None)
+    dropped = run.schedule.end_epoch(v["top1_err"])
+    if rt.main:
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {m['train_loss']:.4f}  val loss {v['loss']:.4f}  "
+              f"top-1 err {100 * v['top1_err']:5.2f}%  top-5 err {100 * v['top5_err']:5.2f}%  "
+              f"({v['count']} val)  lr {m['lr']:.3g}  {m['images_per_s']:.0f} img/s  "
+              f"{m['epoch_seconds']:.0f} s" + ("  -> lr / 10" if dropped else ""), flush=True)
+    return {"epoch": epoch + 1, **m, "val_loss": v["loss"], "val_top1_err": v["top1_err"],
+            "val_top5_err": v["top5_err"], "val_count": v["count"], "lr_dropped": dropped}
+
+
+def checkpoint(cfg: TrainConfig, rt: Runtime, data: Prepared, run: Run) -> Checkpoint:
+    """The checkpoint after the last epoch of run.metrics, with every rank's loader and RNG
+    state (gathered: a collective, so every rank calls it)."""
+    loaders, rngs = gather_objects(run.train_data.state_dict()), gather_objects(rng_state())
+    return Checkpoint(arch=cfg.arch, groups=cfg.groups, num_classes=len(data.classes), classes=data.classes,
+                      normalize={"mean": data.pca["mean"], "std": data.pca["std"]}, epoch=run.metrics[-1]["epoch"],
+                      model=run.model.state_dict(), world=rt.world, pipelines=cfg.pipelines, echo=cfg.echo,
+                      optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+                      schedule=dataclasses.asdict(run.schedule), metrics=run.metrics, config=config_dict(cfg),
+                      manifest_sha256=data.identity, pca_sha256=data.pca_sha256, loader=loaders, rng=rngs)
+
+
+def save_epoch(run_dir: Path, ckpt: Checkpoint, metrics: list[dict]) -> str | None:
     """The checkpoint, then metrics.jsonl and curves.png (so a resume never repeats or loses a
     row); None, or the line to stop with if the disk is full."""
+    path = run_dir / "checkpoint.pt"
     try:
-        save_checkpoint(ckpt_path, state)
+        ckpt.save(path)
         atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics).encode())
         plot_curves(metrics, run_dir / "curves.png")
     except DiskFull as e:
-        saved = state["epoch"] - (e.path == ckpt_path)
-        intact = (f"{ckpt_path} holds epoch {saved}, intact: free space and add --resume {ckpt_path}" if saved
+        saved = ckpt.epoch - (e.path == path)
+        intact = (f"{path} holds epoch {saved}, intact: free space and add --resume {path}" if saved
                   else "no checkpoint was written yet")
         return f"{run_dir}: disk full (no space left on device) while writing {e.path.name}; {intact}"
     return None
@@ -236,120 +371,23 @@ def save_epoch(run_dir: Path, ckpt_path: Path, state: dict, metrics: list[dict])
 
 def train(cfg: TrainConfig) -> list[dict]:
     """The whole run; returns the per-epoch metrics (on every rank)."""
-    if cfg.arch not in ARCHS:
-        raise UserError(f"--arch must be one of {', '.join(ARCHS)}")
-    if cfg.schedule not in ("plateau", "step"):
-        raise UserError("--schedule must be plateau or step")
-    if cfg.precision not in ("bf16", "fp16", "fp32"):
-        raise UserError("--precision must be bf16, fp16 or fp32")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} does not divide over {world} ranks")
-    d = dist.setup(cfg.device)
-    per_rank = cfg.batch_size // d.world
-    cuda = cfg.device == "cuda"
-    torch.manual_seed(cfg.seed + d.rank)
-    np.random.seed(cfg.seed + d.rank)
-    random.seed(cfg.seed + d.rank)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-    manifest = load_manifest(cfg.out)
-    num_classes = len(manifest["classes"])
-    identity = {"manifest_sha256": manifest_sha256(cfg.out), "pca_sha256": sha256_file(cfg.out / "pca.json")
-                if (cfg.out / "pca.json").exists() else None}
-    pca = load_pca(cfg.out)  # refuse a missing or stale pca.json before anything else
-    run_dir = cfg.run_dir or (Path(cfg.resume).parent if cfg.resume else cfg.out / "runs" / cfg.arch)
-    ckpt_path = run_dir / "checkpoint.pt"
-    ckpt = None
-    if cfg.resume is not None:
-        if not Path(cfg.resume).is_file():
-            raise UserError(f"{cfg.resume}: checkpoint not found")
-        try:
-            ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
-            assert isinstance(ckpt, dict) and "loader" in ckpt
-        except Exception:  # noqa: BLE001
-            raise UserError(f"{cfg.resume}: not an alexpipe-train checkpoint") from None
-        for key, want, what in (("arch", cfg.arch, "arch"), ("groups", cfg.groups, "groups"),
-                                ("world", d.world, "number of ranks"), ("pipelines", cfg.pipelines, "--pipelines"), ("echo", cfg.echo, "--echo")):
-            if ckpt.get(key) != want:
-                raise UserError(f"{cfg.resume}: a checkpoint with {what} {ckpt.get(key, 1)}, not {want}")
-        for key in ("manifest_sha256", "pca_sha256"):
-            if ckpt[key] != identity[key]:
-                raise UserError(f"{cfg.resume}: trained on other shards or another pca.json than {cfg.out}")
-    # rank 0's filesystem decides for all ranks, so none goes on alone into a collective
-    if dist.broadcast_object(ckpt_path.exists() and not (cfg.resume and ckpt_path.resolve() == Path(cfg.resume).resolve())):
-        raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} or another --run-dir")
-
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = alexnet(cfg.arch, num_classes, cfg.groups, cfg.dropout).to(d.device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                fused=cuda)  # one kernel for the whole step on CUDA
-    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
-    device = "gpu" if cuda else "cpu"
-    loader_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.precision]
-    lkw = dict(device=device, rank=d.rank, world_size=d.world, dtype=loader_dtype, channels_last=cfg.channels_last,
-               num_threads=cfg.workers)
-    train_data = train_loader(cfg.out, per_rank, seed=cfg.seed, lighting=cfg.lighting, pipelines=cfg.pipelines,
-                              cache=cfg.cache if cuda else "off", cache_gb=cfg.cache_gb, echo=cfg.echo,
-                              state=ckpt["loader"][d.rank] if ckpt else None, log=print if d.main else None, **lkw)
-    val_data = eval_loader(cfg.out, per_rank, **lkw)
-    scale = cfg.batch_size / BASE_BATCH
-    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (5 if scale > 1 else 0)
-    # Goyal et al.: from the unscaled lr up to the scaled one; an asked-for warmup at batch <= 128 starts at 0
-    schedule = Schedule(warmup_from=cfg.lr if scale > 1 else 0.0, peak_lr=cfg.lr * scale, kind=cfg.schedule,
-                        steps_per_epoch=len(train_data),
-                        warmup_steps=round(warmup * len(train_data)), step_epochs=cfg.step_epochs,
-                        patience=cfg.patience)
-    metrics, start = [], 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # hyperparameters are this run's, the buffers the checkpoint's
-            group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        scaler.load_state_dict(ckpt["scaler"])
-        progress = {k: ckpt["schedule"][k] for k in ("drops", "best", "bad_epochs")}  # lr settings: this run's
-        schedule = dataclasses.replace(schedule, **progress)
-        set_rng_state(ckpt["rng"][d.rank])
-        metrics, start = ckpt["metrics"], ckpt["epoch"]
-    step_model = model
-    if d.world > 1:
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cuda else None)
-    if cfg.compile and cuda:
-        step_model = torch.compile(step_model)
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config_dict(cfg))
-        if pca.get("split") != "train" or pca.get("fraction", 1) < 1:
-            print(f"note: {cfg.out / 'pca.json'} was computed on split {pca.get('split')!r}, "
-                  f"fraction {pca.get('fraction')}", flush=True)
-        print(f"{cfg.arch} AlexNet, {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes; "
-              f"{d.world} rank(s) x {per_rank} = batch {cfg.batch_size}, peak lr {schedule.peak_lr:g}, "
-              f"{len(train_data)} steps/epoch; run dir {run_dir}", flush=True)
-    for epoch in range(start, cfg.epochs):
-        m = train_epoch(step_model, train_data, optimizer, schedule, scaler, amp_dtype, epoch, cfg.log_every, d.main)
-        v = evaluate(model, val_data, amp_dtype, num_classes, "val" if d.main else None)  # uncompiled: no recompiles
-        dropped = schedule.end_epoch(v["top1_err"])
-        row = {"epoch": epoch + 1, **m, "val_loss": v["loss"], "val_top1_err": v["top1_err"],
-               "val_top5_err": v["top5_err"], "val_count": v["count"], "lr_dropped": dropped}
-        metrics.append(row)
-        state = {"loader": dist.gather_objects(train_data.state_dict()), "rng": dist.gather_objects(rng_state())}
-        problem = None
-        if d.main:
-            print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {m['train_loss']:.4f}  val loss {v['loss']:.4f}  "
-                  f"top-1 err {100 * v['top1_err']:5.2f}%  top-5 err {100 * v['top5_err']:5.2f}%  "
-                  f"({v['count']} val)  lr {m['lr']:.3g}  {m['images_per_s']:.0f} img/s  "
-                  f"{m['epoch_seconds']:.0f} s" + ("  -> lr / 10" if dropped else ""), flush=True)
-            problem = save_epoch(run_dir, ckpt_path, {
-                "arch": cfg.arch, "groups": cfg.groups, "num_classes": num_classes, "world": d.world,
-                "pipelines": cfg.pipelines, "echo": cfg.echo,
-                "classes": manifest["classes"], "normalize": {"mean": pca["mean"], "std": pca["std"]},
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "schedule": dataclasses.asdict(schedule), "metrics": metrics,
-                "config": config_dict(cfg), **identity, **state}, metrics)
-        if problem := dist.broadcast_object(problem):  # every rank stops together
+    check_config(cfg)
+    rt = Runtime.start(cfg.device, cfg.precision, channels_last=cfg.channels_last)
+    cfg = resolved(cfg, rt)
+    seed_everything(cfg.seed + rt.rank, cfg.deterministic)
+    data = Prepared.open(cfg.out)  # a missing or stale pca.json is refused before anything else
+    ckpt = resume_from(cfg, rt, data)
+    run_dir = run_dir_for(cfg)
+    run = build(cfg, rt, data, ckpt)
+    if rt.main:
+        announce(cfg, rt, data, run, run_dir)
+    for epoch in range(run.start, cfg.epochs):
+        run.metrics.append(run_epoch(cfg, rt, run, data, epoch))
+        ckpt = checkpoint(cfg, rt, data, run)
+        problem = save_epoch(run_dir, ckpt, run.metrics) if rt.main else None
+        if problem := broadcast_object(problem):  # every rank stops together
             raise UserError(problem)
-    return metrics
+    return run.metrics
 
 
 def parser() -> argparse.ArgumentParser:
@@ -360,7 +398,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="prepared directory (shards, manifest.json, pca.json)")
     p.add_argument("--arch", default=d.arch, choices=ARCHS, help="paper: the 2012 net with LRN; torchvision: "
                    "torchvision's AlexNet")
-    p.add_argument("--groups", type=int, default=d.groups, choices=[1, 2], help="paper arch: 2 = the two-GPU connectivity")
+    p.add_argument("--groups", type=int, default=d.groups, choices=[1, 2],
+                   help="paper arch: 2 = the two-GPU connectivity")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (the paper: ~90)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch over all ranks")
     p.add_argument("--lr", type=float, default=d.lr, help="lr for a batch of 128, scaled linearly with the batch")
@@ -420,8 +459,8 @@ def parse_args(argv) -> TrainConfig:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
-    if args.pipelines is None:
-        args.pipelines = default_pipelines("gpu" if args.device == "cuda" else "cpu")
+    if args.pipelines is None:  # saved in checkpoints: a resume must read the same reader shards
+        args.pipelines = PIPELINES_GPU if args.device == "cuda" else 1
     return TrainConfig(**vars(args))
 
 
@@ -434,7 +473,7 @@ def _main(argv) -> int:
     try:
         train(cfg)
     finally:
-        dist.cleanup()
+        cleanup()
     return 0
 
 

@@ -1,6 +1,5 @@
-"""Pieces every stage shares: the one-line user error, config printing and saving,
-atomic file writes, the ILSVRC-2012 class list and the manifest that ties the stages
-together. Kept to plain functions so each stage module reads top to bottom."""
+"""Pieces every stage shares: the one-line user error, --help and progress bars, config
+printing, atomic file writes (and a full disk), the ILSVRC-2012 class list."""
 
 from __future__ import annotations
 
@@ -15,9 +14,6 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "alexpipe-shards-v1"
 
 
 class UserError(Exception):
@@ -154,99 +150,3 @@ def imagenet_classes() -> list[tuple[int, str, str]]:
         index, wnid, name = line.split("\t")
         rows.append((int(index), wnid, name))
     return rows
-
-
-def load_manifest(out: Path) -> dict:
-    """The manifest alexpipe-prepare wrote last; its absence means OUT is not (fully) prepared."""
-    out = Path(out)
-    if not out.is_dir():
-        raise UserError(f"{out}: no such directory (run alexpipe-prepare first)")
-    path = out / MANIFEST
-    if not path.exists():
-        raise UserError(f"{path}: not found - {out} is not a finished alexpipe-prepare output "
-                        f"(run or rerun alexpipe-prepare)")
-    manifest = read_json(path, "manifest")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{path}: not an alexpipe manifest (format {manifest.get('format')!r})")
-    return manifest
-
-
-def manifest_sha256(out: Path) -> str:
-    """Identity of a prepared dataset: later files (pca.json, checkpoints) record it so a
-    stale one is refused."""
-    return sha256_file(Path(out) / MANIFEST)
-
-
-def split_shards(manifest: dict, out: Path, split: str) -> list[dict]:
-    """The non-empty shards of a split, with absolute tar and index paths."""
-    splits = manifest["splits"]
-    if split not in splits:
-        raise UserError(f"{Path(out) / MANIFEST}: split {split!r} was not prepared "
-                        f"(prepared: {', '.join(sorted(splits)) or 'none'})")
-    shards = []
-    for s in splits[split]["shards"]:
-        if s["count"]:
-            shards.append({**s, "tar": str(Path(out) / s["tar"]), "idx": str(Path(out) / s["idx"])})
-    return shards
-
-
-def check_shards(shards: list[dict], hash_them: bool, workers: int, show: bool = False) -> None:
-    """Every shard and index present, with the manifest's byte size (and sha256): a
-    missing, truncated or altered shard is named before any work starts, and in an altered
-    one the JPEG that no longer decodes. This is also what keeps corrupt JPEGs away from
-    DALI: its CPU decoder (2.4.0) can crash the process on one (a segfault in
-    ImageDecoder's worker lambda, seen here) instead of raising. Threads: hashing
-    releases the GIL. `show`: a progress bar while hashing (140 GB for ImageNet)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def problem(s: dict) -> str | None:
-        tar = Path(s["tar"])
-        if not tar.exists():
-            return f"{tar}: shard missing"
-        if not Path(s["idx"]).exists():
-            return f"{s['idx']}: index missing"
-        if tar.stat().st_size != s["bytes"]:
-            return f"{tar}: {tar.stat().st_size} bytes, the manifest says {s['bytes']} (truncated or rewritten)"
-        if hash_them and sha256_file(tar) != s["sha256"]:
-            return find_bad_sample([s]) or f"{tar}: sha256 differs from the manifest (corrupted or rewritten)"
-        return None
-
-    ex = ThreadPoolExecutor(max(1, workers))
-    try:
-        for p in Bar(ex.map(problem, shards), total=len(shards), desc="sha256", unit="shard",
-                     disable=not (hash_them and show)):
-            if p:
-                raise UserError(p)
-    finally:
-        ex.shutdown(wait=False, cancel_futures=True)  # report the first problem without hashing the rest
-
-
-def iter_samples(shard: dict):
-    """A shard's samples as {"__key__", ext: bytes...}, located through its index file."""
-    lines = Path(shard["idx"]).read_text().splitlines()[1:]
-    with open(shard["tar"], "rb") as f:
-        for line in lines:
-            fields = line.split()
-            sample = {}
-            for ext, offset, size, name in zip(*[iter(fields)] * 4):
-                f.seek(int(offset))
-                sample[ext], sample["__key__"] = f.read(int(size)), name.split(".")[0]
-            yield sample
-
-
-def find_bad_sample(shards: list[dict]) -> str | None:
-    """Name the shard and key of a JPEG that does not decode (DALI's decoder error does not
-    say which sample failed); shards whose sha256 differs from the manifest are searched
-    first. Returns None if every JPEG decodes with PIL."""
-    import io
-
-    from PIL import Image
-
-    for s in sorted(shards, key=lambda s: sha256_file(Path(s["tar"])) == s["sha256"]):
-        for sample in iter_samples(s):
-            try:
-                with Image.open(io.BytesIO(sample["jpg"])) as img:
-                    img.load()
-            except Exception as e:  # noqa: BLE001 - whatever the decoder says
-                return f"{s['tar']}: sample {sample['__key__']} does not decode ({type(e).__name__}: {e})"
-    return None

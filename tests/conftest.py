@@ -145,3 +145,19 @@ def unique_out(tmp_path_factory) -> Path:
 def error_lines(stderr: str) -> list[str]:
     """What a command printed to stderr, less its progress bars (tqdm redraws with \\r)."""
     return [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+
+
+def cpu(rank: int = 0, world: int = 1, precision: str = "fp32", channels_last: bool = False):
+    """Where a loader puts its batches: the CPU, as rank `rank` of `world` (no process group)."""
+    import torch
+
+    from alexpipe.runtime import Runtime
+    return Runtime(torch.device("cpu"), precision, rank, world, 0, channels_last)
+
+
+def cuda(rank: int = 0, world: int = 1, precision: str = "bf16", channels_last: bool = True):
+    """The same on the first GPU."""
+    import torch
+
+    from alexpipe.runtime import Runtime
+    return Runtime(torch.device("cuda", 0), precision, rank, world, 0, channels_last)

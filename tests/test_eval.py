@@ -15,19 +15,19 @@ import torch
 from PIL import Image
 
 from alexpipe import eval as ev
-from alexpipe.loader import eval_loader, load_pca
+from alexpipe.dataset import Prepared
+from alexpipe.loader import LoaderOptions, eval_loader
 from alexpipe.model import TORCHVISION_NORMALIZE, alexnet, load_for_eval
-from alexpipe.util import manifest_sha256
+from conftest import cpu, error_lines
 from test_loader import reference_ten, stored
-from conftest import error_lines
 
 
 def test_predict_crops_equal_the_pipelines(any_ready):
     """ten_crops() (numpy, for alexpipe-predict) cuts what the DALI ten-crop graph cuts."""
-    p = load_pca(any_ready)
+    p = Prepared.open(any_ready).pca
     samples = stored(any_ready, "val")
-    images, _ = next(iter(eval_loader(any_ready, batch_size=6, ten_crop=True, device="cpu", dtype="float32",
-                                      channels_last=False)))
+    images, _ = next(iter(eval_loader(any_ready, LoaderOptions(batch_size=6),
+                                      runtime=cpu(), ten_crop=True)))
     mean, std = np.array(p["mean"]), np.array(p["std"])
     for got, s in zip(images.numpy(), samples):
         img = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
@@ -41,10 +41,10 @@ def test_ten_crop_probabilities_are_the_mean_softmax_of_the_crops(any_ready):
     model = alexnet("torchvision").eval()
     with torch.no_grad():
         model.classifier[6].weight *= 1000  # confident, crop-dependent outputs: averaging softmax != logits
-    p = load_pca(any_ready)
+    p = Prepared.open(any_ready).pca
     samples = stored(any_ready, "val")
-    images, _ = next(iter(eval_loader(any_ready, batch_size=3, ten_crop=True, device="cpu", dtype="float32",
-                                      channels_last=False)))
+    images, _ = next(iter(eval_loader(any_ready, LoaderOptions(batch_size=3),
+                                      runtime=cpu(), ten_crop=True)))
     with torch.no_grad():
         got = ev.crop_probabilities(model, images)
         for i, s in enumerate(samples[:3]):
@@ -145,7 +145,7 @@ def test_one_two_three_ranks_count_every_sample_once(shapes_run, shapes_out, tmp
     assert results[0]["results"]["ten"]["top1_err"] < 0.4
     assert set(results[0]["results"]["center"]["per_class_top1"]) == {"disk_020", "ring_300", "square_120",
                                                                       "triangle_230"}
-    sha = manifest_sha256(shapes_out)[:8]  # the predictions of other shards get a file of their own
+    sha = Prepared.open(shapes_out).identity[:8]  # the predictions of other shards get a file of their own
     assert (tmp_path / "fig1" / "filters.png").exists() and (tmp_path / "fig1" / f"predictions-val-{sha}.png").exists()
 
 

@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from alexpipe.loader import train_loader
+from alexpipe.loader import LoaderOptions, train_loader
+from conftest import cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def epochs_of(out, epochs=3, state=None, **kw):
     """Every batch of `epochs` epochs (labels, images on the CPU), and the loader's state after
     the first; the loader is gone on return, and with it DALI's cache for this GPU."""
-    loader = train_loader(out, batch_size=8, device="gpu", dtype="float32", pipelines=2, initial_fill=16,
-                          state=state, **kw)
+    loader = train_loader(out, LoaderOptions(batch_size=8, pipelines=2, initial_fill=16, **kw),
+                          runtime=cuda(precision="fp32"), state=state)
     result, first_state = [], None
     for e in range(epochs):
         result.append([(y.cpu(), x.cpu()) for x, y in loader])
@@ -46,8 +47,8 @@ def test_cached_batches_equal_uncached_bit_for_bit(unique_out, cache_gb):
 def test_cached_epochs_count_exactly_over_ranks(unique_out, world, cache_gb):
     lengths, seen = set(), Counter()
     for r in range(world):
-        loader = train_loader(unique_out, batch_size=8, device="gpu", rank=r, world_size=world, pipelines=2,
-                              cache="gpu", cache_gb=cache_gb, initial_fill=16)
+        loader = train_loader(unique_out, LoaderOptions(batch_size=8, pipelines=2, cache="gpu", cache_gb=cache_gb,
+                                                        initial_fill=16), runtime=cuda(rank=r, world=world))
         lengths.add(len(loader))
         epochs = [[label for _, y in loader for label in y.tolist()] for _ in range(3)]
         assert all(len(set(e)) == len(e) == len(loader) * 8 for e in epochs)

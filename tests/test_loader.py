@@ -15,9 +15,11 @@ import torch
 from nvidia.dali import types
 from PIL import Image
 
-from alexpipe.loader import cuda_queues_note, eval_loader, load_pca, parse_labels, train_loader
+from alexpipe.dataset import Prepared, iter_samples
+from alexpipe.loader import LoaderOptions, cuda_queues_note, eval_loader, parse_labels, train_loader
 from alexpipe.pipeline import train_pipeline
-from alexpipe.util import UserError, load_manifest, split_shards
+from alexpipe.util import UserError
+from conftest import cpu
 
 
 def read_jpeg(source: str) -> np.ndarray:
@@ -46,8 +48,8 @@ def reference_train(img, pos_x, pos_y, mirror, alpha, p) -> np.ndarray:
 
 
 def run_train_params(out: Path, batches: int, batch_size: int = 16, seed: int = 0, **kw):
-    p = load_pca(out)
-    shards = split_shards(load_manifest(out), out, "train")
+    data = Prepared.open(out)
+    p, shards = data.pca, data.split("train")
     pipe = train_pipeline(shards, "cpu", 0, 1, p["mean"], p["std"], p["eigval"], p["eigvec"], with_params=True,
                           dtype=kw.pop("dtype", types.FLOAT), batch_size=batch_size, num_threads=2, device_id=None,
                           seed=seed, **kw)
@@ -149,10 +151,9 @@ def stored(out: Path, split: str):
 
 @pytest.mark.parametrize("full_image", [False, True])
 def test_ten_crop_equals_reference_crops_in_order(any_ready, full_image):
-    p = load_pca(any_ready)
+    p = Prepared.open(any_ready).pca
     samples = stored(any_ready, "val")
-    loader = eval_loader(any_ready, batch_size=16, ten_crop=True, full_image=full_image, device="cpu",
-                         dtype="float32", channels_last=False)
+    loader = eval_loader(any_ready, LoaderOptions(batch_size=16), runtime=cpu(), ten_crop=True, full_image=full_image)
     seen = 0
     for images, labels in loader:
         assert images.shape[1:] == (10, 3, 224, 224) and images.dtype == torch.float32
@@ -168,9 +169,9 @@ def test_ten_crop_equals_reference_crops_in_order(any_ready, full_image):
 
 
 def test_center_crop_and_layouts(any_ready):
-    p = load_pca(any_ready)
+    p = Prepared.open(any_ready).pca
     samples = stored(any_ready, "val")
-    loader = eval_loader(any_ready, batch_size=16, device="cpu", dtype="float16", channels_last=True)
+    loader = eval_loader(any_ready, LoaderOptions(batch_size=16), runtime=cpu(precision="fp16", channels_last=True))
     images, labels = next(iter(loader))
     assert images.shape == (16, 3, 224, 224) and images.dtype == torch.float16
     assert images.is_contiguous(memory_format=torch.channels_last) and labels.dtype == torch.int64
@@ -179,7 +180,7 @@ def test_center_crop_and_layouts(any_ready):
     y, x = anchor(0.5, h - 224), anchor(0.5, w - 224)
     want = ((img[y:y + 224, x:x + 224] - np.array(p["mean"])) / np.array(p["std"])).transpose(2, 0, 1)
     np.testing.assert_allclose(images[0].float().numpy(), want, atol=4e-3)
-    bf = next(iter(eval_loader(any_ready, batch_size=4, device="cpu", dtype="bfloat16")))[0]
+    bf = next(iter(eval_loader(any_ready, LoaderOptions(batch_size=4), runtime=cpu(precision="bf16"))))[0]
     assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), images[:4].float(), atol=0.03)
 
 
@@ -188,17 +189,17 @@ def test_every_sample_once_per_epoch_across_ranks(any_ready, world, pipelines):
     """Val (the label names the sample): each exactly once over all ranks, last batches
     partial. Train, each rank with its pipelines: the same number of batches on every rank,
     no sample twice in an epoch, fewer than world*pipelines*batch left out."""
-    counts = {s: load_manifest(any_ready)["splits"][s]["count"] for s in ("train", "val")}
+    counts = {s: Prepared.open(any_ready).count(s) for s in ("train", "val")}
     batch = 32 if counts["train"] >= 500 else 8
     val = Counter()
     for r in range(world):
-        for _, labels in eval_loader(any_ready, batch_size=batch // 4, device="cpu", rank=r, world_size=world):
+        for _, labels in eval_loader(any_ready, LoaderOptions(batch_size=batch // 4), runtime=cpu(rank=r, world=world)):
             val.update(labels.tolist())
     assert sum(val.values()) == counts["val"] and set(val.values()) == {1}
     lengths, train = set(), Counter()
     for r in range(world):
-        loader = train_loader(any_ready, batch_size=batch, device="cpu", rank=r, world_size=world, seed=1,
-                              pipelines=pipelines)
+        loader = train_loader(any_ready, LoaderOptions(batch_size=batch, seed=1, pipelines=pipelines),
+                              runtime=cpu(rank=r, world=world))
         lengths.add(len(loader))
         n = 0
         for _, labels in loader:
@@ -218,16 +219,17 @@ def test_uneven_ranges_stay_aligned_over_epochs(synth_ready, any_ready, pipeline
     label) over W ranks x `pipelines` in batches of N // 2W, W = 3 or 4 so that the ranges are
     uneven, three epochs: two batches a rank (N = 500: ranges 166/167 with one pipeline,
     83/84 with two; N = 150: 37/38 and 18/19)."""
-    expected = Counter(l for _, y in eval_loader(synth_ready, batch_size=12, device="cpu") for l in y.tolist())
-    loaders = [eval_loader(synth_ready, batch_size=2, device="cpu", rank=r, world_size=5) for r in range(5)]
+    expected = Counter(l for _, y in eval_loader(synth_ready, LoaderOptions(batch_size=12),
+                                                 runtime=cpu()) for l in y.tolist())
+    loaders = [eval_loader(synth_ready, LoaderOptions(batch_size=2), runtime=cpu(rank=r, world=5)) for r in range(5)]
     for epoch_counts in zip(*[[Counter(l for _, y in loader for l in y.tolist()) for _ in range(3)]
                               for loader in loaders]):
         assert sum(epoch_counts, Counter()) == expected and sum(expected.values()) == 12
-    n = load_manifest(any_ready)["splits"]["train"]["count"]
+    n = Prepared.open(any_ready).count("train")
     world = 3 if n % 3 else 4
     for r in range(world):
-        loader = train_loader(any_ready, batch_size=n // (2 * world), device="cpu", rank=r, world_size=world,
-                              pipelines=pipelines)
+        loader = train_loader(any_ready, LoaderOptions(batch_size=n // (2 * world), pipelines=pipelines),
+                              runtime=cpu(rank=r, world=world))
         for _ in range(3):
             batches = [y.tolist() for _, y in loader]
             assert len(batches) == 2 and all(len(set(b)) == n // (2 * world) for b in batches)
@@ -250,8 +252,8 @@ def test_deterministic_and_resumable(synth_ready):
     # a small shuffle buffer: restoring mid-epoch, DALI 2.4 reserves ~4 MB of heap address
     # space per buffered sample (16 GB at the default 4096), which could stop later forks
     def make(state=None, seed=0, pipelines=2):
-        return train_loader(synth_ready, batch_size=8, device="cpu", seed=seed, state=state, pipelines=pipelines,
-                            initial_fill=64)
+        return train_loader(synth_ready, LoaderOptions(batch_size=8, seed=seed, pipelines=pipelines, initial_fill=64),
+                            runtime=cpu(), state=state)
     straight = make()
     epochs = [labels_of(straight) for _ in range(3)]
     assert same(labels_of(make()), epochs[0])
@@ -278,36 +280,36 @@ def test_errors_name_what_is_wrong(synth_ready, tmp_path):
     shutil.copytree(synth_ready, out)
     (out / "pca.json").unlink()
     with pytest.raises(UserError, match="pca.json: not found"):
-        train_loader(out, batch_size=4, device="cpu")
+        train_loader(out, LoaderOptions(batch_size=4), runtime=cpu())
     shutil.copy(synth_ready / "pca.json", out / "pca.json")
     original = (out / "manifest.json").read_text()
     m = json.loads(original)
     (out / "manifest.json").write_text(json.dumps({**m, "alexpipe": "other"}))
     with pytest.raises(UserError, match="computed for other shards"):
-        train_loader(out, batch_size=4, device="cpu")
+        train_loader(out, LoaderOptions(batch_size=4), runtime=cpu())
     (out / "manifest.json").write_text(original)
     shard = out / m["splits"]["train"]["shards"][2]["tar"]
     data = shard.read_bytes()
     shard.write_bytes(data[:1000])
     with pytest.raises(UserError, match=f"{shard}: 1000 bytes"):
-        train_loader(out, batch_size=4, device="cpu")
+        train_loader(out, LoaderOptions(batch_size=4), runtime=cpu())
     shard.unlink()
     with pytest.raises(UserError, match=f"{shard}: shard missing"):
-        train_loader(out, batch_size=4, device="cpu")
+        train_loader(out, LoaderOptions(batch_size=4), runtime=cpu())
     broken = bytearray(data)
     first = (out / m["splits"]["train"]["shards"][2]["idx"]).read_text().splitlines()[1].split()
     off = int(first[first.index("jpg") + 1])
     broken[off:off + 16] = bytes(16)
     shard.write_bytes(bytes(broken))
     with pytest.raises(UserError, match=f"{shard}: sample {first[3].split('.')[0]} does not decode"):
-        train_loader(out, batch_size=4, device="cpu")
+        train_loader(out, LoaderOptions(batch_size=4), runtime=cpu())
     with pytest.raises(UserError, match=r"batch size 64 x 1 rank\(s\) x 1 pipeline\(s\) is more than the 48 samples$"):
-        train_loader(synth_ready, batch_size=64, device="cpu")
+        train_loader(synth_ready, LoaderOptions(batch_size=64), runtime=cpu())
     with pytest.raises(UserError, match=r"batch size 32 x 1 rank\(s\) x 2 pipeline\(s\) is more than the 48 samples "
                        r"\(lower the batch size or pass pipelines=1\)"):
-        train_loader(synth_ready, batch_size=32, device="cpu", pipelines=2)
+        train_loader(synth_ready, LoaderOptions(batch_size=32, pipelines=2), runtime=cpu())
     with pytest.raises(UserError, match="pipelines must be >= 1, got 0"):
-        train_loader(synth_ready, batch_size=4, device="cpu", pipelines=0)
+        train_loader(synth_ready, LoaderOptions(batch_size=4, pipelines=0), runtime=cpu())
 
 
 def test_cuda_queues_note(monkeypatch):
@@ -322,8 +324,7 @@ def test_cuda_queues_note(monkeypatch):
 
 def stored_labels(out: Path) -> list[int]:
     """Every train sample's label in stored order (shard by shard, as the index files list them)."""
-    from alexpipe.util import iter_samples
-    return [int(s["cls"]) for shard in split_shards(load_manifest(out), out, "train") for s in iter_samples(shard)]
+    return [int(s["cls"]) for shard in Prepared.open(out).split("train") for s in iter_samples(shard)]
 
 
 @pytest.mark.parametrize("world,pipelines", [(1, 2), (2, 1), (3, 2)])
@@ -336,8 +337,8 @@ def test_fixed_share_keeps_each_ranks_samples_and_reshuffles_them(unique_out, wo
     lengths = set()
     for r in range(world):
         share = set(order[n * r // world:n * (r + 1) // world])
-        loader = train_loader(unique_out, batch_size=8, device="cpu", rank=r, world_size=world, pipelines=pipelines,
-                              fixed_share=True, initial_fill=16)
+        options = LoaderOptions(batch_size=8, pipelines=pipelines, fixed_share=True, initial_fill=16)
+        loader = train_loader(unique_out, options, runtime=cpu(rank=r, world=world))
         lengths.add(len(loader))
         epochs = [[label for _, y in loader for label in y.tolist()] for _ in range(3)]
         for labels in epochs:
@@ -354,9 +355,10 @@ def test_echo_gives_k_different_views_in_different_batches(unique_out, world, pi
     views differ; epoch counts stay equal and exact over ranks."""
     lengths, total = set(), Counter()
     for r in range(world):
-        loader = train_loader(unique_out, batch_size=8, device="cpu", rank=r, world_size=world, pipelines=pipelines,
-                              echo=2, dtype="float32", initial_fill=16)
-        plain = train_loader(unique_out, batch_size=8, device="cpu", rank=r, world_size=world, pipelines=pipelines)
+        loader = train_loader(unique_out, LoaderOptions(batch_size=8, pipelines=pipelines, echo=2, initial_fill=16),
+                              runtime=cpu(rank=r, world=world, precision="fp32"))
+        plain = train_loader(unique_out, LoaderOptions(batch_size=8, pipelines=pipelines),
+                             runtime=cpu(rank=r, world=world))
         assert len(loader) == 2 * len(plain)
         lengths.add(len(loader))
         views, batches = {}, 0
@@ -373,8 +375,8 @@ def test_echo_gives_k_different_views_in_different_batches(unique_out, world, pi
 
 def test_echo_and_fixed_share_resume_exactly(unique_out):
     def make(state=None, echo=2, fixed_share=True):
-        return train_loader(unique_out, batch_size=8, device="cpu", pipelines=2, echo=echo, fixed_share=fixed_share,
-                            initial_fill=16, state=state)
+        options = LoaderOptions(batch_size=8, pipelines=2, echo=echo, fixed_share=fixed_share, initial_fill=16)
+        return train_loader(unique_out, options, runtime=cpu(), state=state)
     straight = make()
     epochs = [labels_of(straight) for _ in range(3)]
     first = make()
@@ -398,20 +400,20 @@ def test_echo_and_fixed_share_resume_exactly(unique_out):
 def test_sources_name_each_batch_sample(unique_out):
     """sources=True: every sample's "tar:offset:key.jpg", whose .cls is its label; an epoch
     names each sample once (train with echo 2: twice), eval in stored order."""
-    from alexpipe.util import iter_samples
     by_source = {}
-    for shard in split_shards(load_manifest(unique_out), unique_out, "train"):
+    for shard in Prepared.open(unique_out).split("train"):
         lines = Path(shard["idx"]).read_text().splitlines()[1:]
         for line, sample in zip(lines, iter_samples(shard)):
             fields = line.split()
             by_source[f"{shard['tar']}:{fields[fields.index('jpg') + 1]}:{sample['__key__']}.jpg"] = int(sample["cls"])
     for echo in (1, 2):
         seen = Counter()
-        for _, labels, sources in train_loader(unique_out, batch_size=8, device="cpu", pipelines=2, echo=echo,
-                                               sources=True):
+        options = LoaderOptions(batch_size=8, pipelines=2, echo=echo, sources=True)
+        for _, labels, sources in train_loader(unique_out, options, runtime=cpu()):
             assert [by_source[s] for s in sources] == labels.tolist()
             seen.update(sources)
         assert set(seen.values()) == {echo} and len(seen) > 140
-    keys = [s.rsplit(":", 1)[1] for _, _, batch in eval_loader(unique_out, batch_size=6, device="cpu", sources=True)
+    keys = [s.rsplit(":", 1)[1] for _, _, batch in eval_loader(unique_out, LoaderOptions(batch_size=6, sources=True),
+                                                               runtime=cpu())
             for s in batch]
     assert keys == sorted(keys) and len(keys) == 20

@@ -16,7 +16,7 @@ import torch
 
 from alexpipe import neighbors
 from alexpipe.model import TORCHVISION_NORMALIZE, alexnet
-from conftest import error_lines
+from conftest import cpu, error_lines
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +40,11 @@ def reference(weights, out, query: str, pool: str, k: int) -> dict[str, list[tup
     """Every query's k nearest by a direct float64 numpy computation on the same features."""
     model = alexnet("torchvision", 150)
     model.load_state_dict(torch.load(weights, weights_only=True))
-    cfg = neighbors.NeighborsConfig(checkpoint=weights, out=out, query=query, pool=pool, device="cpu", batch_size=32)
+    data, rt = neighbors.Prepared.open(out), cpu()
     feats = {}
     for split in {query, pool}:
-        f, _ = neighbors.features(model, TORCHVISION_NORMALIZE, split, cfg, 0, 1, False)
-        keys = neighbors.stored_keys(neighbors.split_shards(neighbors.load_manifest(out), out, split))
+        f, _ = neighbors.features(model, TORCHVISION_NORMALIZE, data, split, rt, 32)
+        keys = neighbors.stored_keys(data.split(split))
         feats[split] = (f.double().numpy(), keys)
     pf, pkeys = feats[pool]
     qf, qkeys = feats[query]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from alexpipe import pca
 from alexpipe.prepare import PrepareConfig, prepare
-from alexpipe.util import split_shards
+from alexpipe.dataset import Prepared
 from conftest import error_lines
 
 
@@ -119,8 +119,7 @@ def test_pipelines_do_not_change_the_statistics(unique_out):
 
 
 def test_sums_do_not_depend_on_how_many_batches_are_in_flight(synth_out):
-    manifest = json.loads((synth_out / "manifest.json").read_text())
-    shards = split_shards(manifest, synth_out, "train")
+    shards = Prepared.open(synth_out, pca=False).split("train")
     first, _ = pca.accumulate(shards, "cpu", 2, 5, in_flight=0)
     later, _ = pca.accumulate(shards, "cpu", 2, 5, in_flight=3)
     assert first.sum(0)[0] == sum(s["count"] for s in shards)

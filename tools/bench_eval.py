@@ -19,17 +19,17 @@ from pathlib import Path
 import torch
 
 from alexpipe.eval import crop_probabilities, evaluate
-from alexpipe.loader import eval_loader, load_pca
+from alexpipe.dataset import Prepared
+from alexpipe.loader import LoaderOptions, eval_loader
 from alexpipe.model import alexnet
-from alexpipe.util import load_manifest
+from alexpipe.runtime import Runtime
 from bench_prepare import DEFAULT_SRC, sample_shards
 
 
 def baseline(out: Path, model, batch: int, workers: int, pca: dict) -> tuple[float, float]:
     import webdataset as wds
     from torchvision import transforms as T
-    manifest = load_manifest(out)
-    urls = [str(out / s["tar"]) for s in manifest["splits"]["train"]["shards"]]
+    urls = [s["tar"] for s in Prepared.open(out, pca=False).split("train")]
     norm = T.Normalize([m / 255 for m in pca["mean"]], [s / 255 for s in pca["std"]])
     tf = T.Compose([T.CenterCrop(256), T.TenCrop(224),
                     T.Lambda(lambda crops: torch.stack([norm(T.functional.to_tensor(c)) for c in crops]))])
@@ -62,11 +62,13 @@ def main(argv=None) -> int:
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         out = sample_shards(args.src, Path(tmp), args.repeat, shard_size=250)
-        pca = load_pca(out)
+        data = Prepared.open(out)
+        pca = data.pca
         torch.manual_seed(0)
         model = alexnet("torchvision").cuda().to(memory_format=torch.channels_last).eval()
-        n = load_manifest(out)["splits"]["train"]["count"]
-        loader = eval_loader(out, args.batch_size, split="train", ten_crop=True, device="gpu", dtype="bfloat16")
+        n = data.count("train")
+        loader = eval_loader(data, LoaderOptions(batch_size=args.batch_size), split="train", ten_crop=True,
+                             runtime=Runtime.start("cuda", "bf16", distributed=False))
         evaluate(model, loader, torch.bfloat16, 1000)  # warm up (cuDNN plans, decoder)
         torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, train_loader
-from alexpipe.util import load_manifest
+from alexpipe.dataset import read_manifest as load_manifest
+from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, train_loader
+from alexpipe.runtime import Runtime
 from bench_prepare import DEFAULT_SRC, sample_shards
 
 GPU = torch.cuda.is_available()
@@ -60,7 +61,7 @@ def stream_rate(stream, batches, warmup=8) -> float:
 
 
 def loader_rate(out, batches, warmup=8, **kw) -> float:
-    loader = train_loader(out, device="gpu" if GPU else "cpu", verify=False, **kw)
+    loader = train_loader(out, LoaderOptions(verify=False, **kw), runtime=Runtime.start(distributed=False))
     return stream_rate(endless(loader), batches, warmup)
 
 
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
 
         def rate(setting):
             pipes, threads, load = setting
-            return loader_rate(out, args.batches, batch_size=args.batch_size, pipelines=pipes, num_threads=threads,
+            return loader_rate(out, args.batches, batch_size=args.batch_size, pipelines=pipes, threads=threads,
                                hw_decoder_load=load)
 
         def show(setting):

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_neighbors: needs a CUDA GPU")
-    manifest = neighbors.load_manifest(args.out)
+    manifest = neighbors.Prepared.open(args.out).manifest
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "w.pth"
         torch.save(alexnet(args.arch, len(manifest["classes"])).state_dict(), weights)

@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 
-from alexpipe.pca import PCAConfig, compute, resolve_device
+from alexpipe.pca import PCAConfig, compute
 from alexpipe.prepare import PrepareConfig, prepare
 from bench_prepare import DEFAULT_SRC, IMAGENET_TRAIN, make_tree
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         prepare(PrepareConfig(src=tmp / "src", out=out, split="train", shard_size=2000))
         base = baseline(out, args.baseline_images)
         # on a GPU: one pipeline (as before) against the default (several decoding side by side)
-        modes = ["cpu"] + (["gpu:1", "gpu"] if resolve_device("auto") == "gpu" else [])
+        modes = ["cpu"] + (["cuda:1", "cuda"] if torch.cuda.is_available() else [])
         rates, results = {}, {}
         for mode in modes:
             best = None
@@ -80,8 +81,8 @@ def main(argv=None) -> int:
             print(f"alexpipe-pca {flags:<28} (exact int64 sums, {results[mode]['decoder']}): "
                   f"{r:9.1f} images/s after {startup:.1f} s start-up ({whole:.0f} over this whole pass)  "
                   f"{r / base:6.2f}x   ImageNet train projected {startup + IMAGENET_TRAIN / r:7.1f} s")
-        if "gpu" in results:
-            g, c = results["gpu"], results["cpu"]
+        if "cuda" in results:
+            g, c = results["cuda"], results["cpu"]
             for key in ("mean", "std", "eigval"):
                 rel = np.max(np.abs(np.array(g[key]) - c[key]) / np.abs(c[key]))
                 print(f"GPU vs CPU decoder, max relative difference of {key}: {rel:.2e}")

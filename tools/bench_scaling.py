@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from alexpipe import dist
-from alexpipe.loader import train_loader
+from alexpipe.loader import LoaderOptions, train_loader
+from alexpipe.runtime import Runtime, barrier, cleanup, gather_objects
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
 from bench_loader import endless
@@ -46,20 +46,20 @@ def timed(step, batches, steps: int, warmup: int, per_rank: int) -> float:
     for _ in range(warmup):
         step(*next(batches))
     torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     t0 = time.perf_counter()
     for _ in range(steps):
         step(*next(batches))
     torch.cuda.synchronize()
-    dist.barrier()
-    seconds = max(dist.gather_objects(time.perf_counter() - t0))
+    barrier()
+    seconds = max(gather_objects(time.perf_counter() - t0))
     return steps * per_rank * int(os.environ.get("WORLD_SIZE", "1")) / seconds
 
 
 def worker(args) -> None:
-    d = dist.setup("cuda")
+    d = Runtime.start("cuda", "bf16")
     b = args.batch_size
-    loader = train_loader(args.out, b, device="gpu", dtype="bfloat16", verify=False)
+    loader = train_loader(args.out, LoaderOptions(batch_size=b, verify=False), runtime=d)
     stream = endless(loader)
     result = {"world": d.world, "gpu": torch.cuda.get_device_name(), "cores": len(os.sched_getaffinity(0))}
     # the loader alone, on every rank at once: images/s per GPU
@@ -88,7 +88,7 @@ def worker(args) -> None:
             result[arch]["synthetic_bf16_hook"] = timed(step, itertools.repeat((x, y)), args.steps, 30, b)
     if d.main:
         Path(args.result).write_text(json.dumps(result))
-    dist.cleanup()
+    cleanup()
 
 
 def driver(args) -> int:

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, cache_gb_needed, train_loader
+from alexpipe.dataset import Prepared
+from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, cache_gb_needed, train_loader
 from alexpipe.model import alexnet
+from alexpipe.runtime import Runtime
 from alexpipe.train import train_step
-from alexpipe.util import load_manifest, split_shards
 from bench_loader import endless, stream_rate, torchvision_loader
 from bench_prepare import DEFAULT_SRC, sample_shards
 
@@ -76,8 +77,8 @@ def parse_setting(text: str) -> tuple[int, int, float]:
 
 def loader(out, b, setting, **kw):
     pipes, threads, load = setting
-    return train_loader(out, b, device="gpu", dtype="bfloat16", verify=False, pipelines=pipes, num_threads=threads,
-                        hw_decoder_load=load, **kw)
+    options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads, hw_decoder_load=load, **kw)
+    return train_loader(out, options, runtime=Runtime.start("cuda", "bf16", distributed=False))
 
 
 def model_and_ceiling(arch, b, steps, repeats):
@@ -111,7 +112,7 @@ def fed_rates(compiled, opt, out, b, settings, echo, steps, repeats):
 
 def cache_epochs(compiled, opt, out, b, setting, ceiling):
     """Epoch rates without a cache, with all of the set cached and with half of it."""
-    need = cache_gb_needed(split_shards(load_manifest(out), out, "train"), 0, 1)
+    need = cache_gb_needed(Prepared.open(out).split("train"), 0, 1)
     rows = {}
     for name, cache, gb in (("no cache", "off", None), ("cache, all", "gpu", None), ("cache, half", "gpu", need / 2)):
         free0 = torch.cuda.mem_get_info()[0]
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
         b = args.batch_size
-        n = load_manifest(out)["splits"]["train"]["count"]
+        n = Prepared.open(out).count("train")
         print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; {n} samples, batch {b}, bf16 autocast, "
               f"channels_last, torch.compile, fused SGD; median of {args.repeats} x {args.steps} timed steps; "
               f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset (8)')}", flush=True)

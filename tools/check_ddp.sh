@@ -5,7 +5,7 @@
 # image once and agree on the errors.
 #   bash tools/check_ddp.sh [N] [DIR]        (default N: all visible GPUs, DIR: ddp-check/)
 set -euo pipefail
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader overlaps the model (README: alexpipe-train)
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader's CUDA streams beside the model's
 n=${1:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
 dir=${2:-ddp-check}
 if [ "$n" -lt 2 ]; then echo "check_ddp: needs N >= 2 GPUs, got $n" >&2; exit 2; fi

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, train_loader
+from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, train_loader
+from alexpipe.runtime import Runtime
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
 from bench_loader import endless
@@ -96,8 +97,8 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
-    loader = train_loader(args.out, b, device="gpu", dtype="bfloat16", verify=False, pipelines=pipes,
-                          num_threads=threads, hw_decoder_load=float(load or 1.0))
+    options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads, hw_decoder_load=float(load or 1.0))
+    loader = train_loader(args.out, options, runtime=Runtime.start("cuda", "bf16", distributed=False))
     for pipe in loader.pipes:  # mark the host's waits for DALI in the trace
         pipe.run = marked(pipe.run)
     stream = endless(loader)

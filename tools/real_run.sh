@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A short real training run on real ImageNet images: the torchvision AlexNet memorises them.
 #   bash tools/real_run.sh JPEG_DIR WORK [REPEAT] [EPOCHS] [alexpipe-train options...]
-# JPEG_DIR holds files named <wnid>_*.JPEG (as ../shared/data/imagenet-sample, one per
+# JPEG_DIR holds files named <wnid>_*.JPEG (as the optional real-image sample, one per
 # class). The train split holds every image REPEAT times (each copy gets its own random
 # crops), val each image once, in wnid class folders, so val top-1 is the train accuracy.
 set -euo pipefail
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader overlaps the model (README: alexpipe-train)
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader's CUDA streams beside the model's
 src=$1; work=$2; repeat=${3:-40}; epochs=${4:-25}; shift $(($# < 4 ? $# : 4))
 rm -rf "$work"
 python3 - "$src" "$work/src" "$repeat" <<'PY'

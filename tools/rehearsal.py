@@ -115,20 +115,22 @@ def run_stage(cmd: list[str], kill_when=None) -> tuple[float, float, int]:
 
 def loader_check(out: Path, world: int = 8, pipelines: int = 2, batch: int = 256) -> str:
     """The loaders at this scale, rank by rank in this process, on the CPU (see the docstring)."""
-    from alexpipe.loader import eval_loader, train_loader
-    from alexpipe.util import load_manifest
-    manifest = load_manifest(out)
-    n_train, n_val = manifest["splits"]["train"]["count"], manifest["splits"]["val"]["count"]
+    from alexpipe.dataset import Prepared
+    from alexpipe.loader import LoaderOptions, eval_loader, train_loader
+    from alexpipe.runtime import Runtime
+    data, rt = Prepared.open(out), Runtime.start("cpu", distributed=False)
+    n_train, n_val = data.count("train"), data.count("val")
     val = Counter()
     for r in range(world):
-        loader = eval_loader(out, batch, device="cpu", rank=r, world_size=world, verify=False, sources=True)
+        loader = eval_loader(data, LoaderOptions(batch_size=batch, verify=False, sources=True),
+                             runtime=rt.as_rank(r, world))
         for _, _, sources in loader:
             val.update(sources)
     assert sum(val.values()) == n_val and set(val.values()) == {1}, "eval: a sample missing or twice"
     seen, lengths = Counter(), set()
     for r in range(world):
-        loader = train_loader(out, batch, device="cpu", rank=r, world_size=world, pipelines=pipelines,
-                              verify=False, sources=True)
+        options = LoaderOptions(batch_size=batch, pipelines=pipelines, verify=False, sources=True)
+        loader = train_loader(data, options, runtime=rt.as_rank(r, world))
         lengths.add(len(loader))
         for _, labels, sources in loader:
             assert len(labels) == batch
