@@ -18,7 +18,7 @@ from alexpipe import eval as ev
 from alexpipe.dataset import Prepared
 from alexpipe.loader import LoaderOptions, eval_loader
 from alexpipe.model import TORCHVISION_NORMALIZE, alexnet, load_for_eval
-from conftest import cpu, error_lines
+from conftest import DATA, cpu, error_lines
 from test_loader import reference_ten, stored
 
 
@@ -149,7 +149,7 @@ def test_one_two_three_ranks_count_every_sample_once(shapes_run, shapes_out, tmp
     assert (tmp_path / "fig1" / "filters.png").exists() and (tmp_path / "fig1" / f"predictions-val-{sha}.png").exists()
 
 
-@pytest.mark.parametrize("which", ["made", "real"])
+@pytest.mark.parametrize("which", DATA)
 def test_torchvision_weights_evaluate_on_imagenet_shards(which, request, tmp_path, capsys):
     """A bare torchvision state_dict (1000 classes, its own normalization) on shards with the
     standard ILSVRC labels: the synthetic wnid tree, or the real sample where present."""

@@ -91,8 +91,12 @@ def test_lrn_channels_last_and_low_precision(groups):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled GPU pass")
-@pytest.mark.parametrize("groups", [1, 2])
-def test_compiled_lrn_on_cuda_equals_the_formula(groups):
+def test_compiled_lrn_on_cuda_equals_the_formula():
+    for groups in (1, 2):
+        compiled_lrn_against_float64(groups)
+
+
+def compiled_lrn_against_float64(groups: int) -> None:
     """torch.compile's kernels on the GPU, forward and backward, against float64 on the CPU,
     at the paper's conv1 map size in channels_last memory."""
     x = torch.randn(8, 96, 55, 55, dtype=torch.float64) * 40
