@@ -79,9 +79,12 @@ class LoaderOptions:
             raise UserError(f"cache must be off, gpu or auto, got {self.cache!r}")
 
     def resolved(self, rt: Runtime, train: bool) -> LoaderOptions:
-        """The defaults that depend on the device filled in."""
+        """The defaults that depend on the device filled in; evaluation reads every sample once,
+        in one pipeline, so the training-only options are reset for it."""
         pipelines = (self.pipelines or (PIPELINES_GPU if rt.cuda else 1)) if train else 1
         threads = self.threads or (THREADS_GPU if rt.cuda else max(1, len(os.sched_getaffinity(0)) // pipelines))
+        if not train:
+            return dataclasses.replace(self, pipelines=1, threads=threads, echo=1, cache="off", fixed_share=False)
         return dataclasses.replace(self, pipelines=pipelines, threads=threads)
 
 

@@ -417,3 +417,11 @@ def test_sources_name_each_batch_sample(unique_out):
                                                                runtime=cpu())
             for s in batch]
     assert keys == sorted(keys) and len(keys) == 20
+
+
+def test_eval_ignores_the_training_options(unique_out):
+    """One LoaderOptions for both loaders (as alexpipe-train passes): echo, pipelines and the
+    fixed share shape training only; evaluation still gives every sample once, in order."""
+    options = LoaderOptions(batch_size=6, pipelines=2, echo=2, fixed_share=True, sources=True)
+    keys = [s.rsplit(":", 1)[1] for _, _, batch in eval_loader(unique_out, options, runtime=cpu()) for s in batch]
+    assert keys == sorted(keys) and len(keys) == 20
