@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .util import Bar, UserError, read_json, sha256_file
 
 MANIFEST = "manifest.json"
@@ -60,7 +62,6 @@ class Prepared:
         stats = read_json(path, "pca.json")
         if stats.get("manifest_sha256") != identity:
             raise UserError(f"{path}: computed for other shards than {out / MANIFEST} (rerun alexpipe-pca)")
-        from .pca import check_sums  # pca.py reads datasets too
         check_sums(stats, path)
         return cls(out, manifest, identity, stats, sha256_file(path))
 
@@ -83,6 +84,43 @@ class Prepared:
 
     def count(self, name: str) -> int:
         return sum(s["count"] for s in self.split(name))
+
+
+# ---------------------------------------------------------------------------- pca.json's numbers
+
+def statistics(row) -> dict:
+    """mean, std, cov, eigval, eigvec from exact sums: the covariance numerator
+    n*ss - s s^T is formed in integers, then divided once (correctly rounded)."""
+    n, s = int(row[1]), [int(v) for v in row[2:5]]
+    rr, rg, rb, gg, gb, bb = (int(v) for v in row[5:11])
+    ss = [[rr, rg, rb], [rg, gg, gb], [rb, gb, bb]]
+    if n < 2:
+        raise UserError("fewer than 2 pixels: nothing to compute")
+    cov = np.array([[(n * ss[i][j] - s[i] * s[j]) / (n * (n - 1)) for j in range(3)] for i in range(3)])
+    eigval, eigvec = np.linalg.eigh(cov)
+    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+    for k in range(3):  # sign convention: largest-magnitude component positive
+        if eigvec[np.argmax(np.abs(eigvec[:, k])), k] < 0:
+            eigvec[:, k] = -eigvec[:, k]
+    return {"mean": [si / n for si in s], "std": np.sqrt(np.diag(cov)).tolist(), "cov": cov.tolist(),
+            "eigval": eigval.tolist(), "eigvec": eigvec.tolist()}
+
+
+def check_sums(result: dict, path) -> None:
+    """Refuse a pca.json whose mean, std, covariance or eigen-decomposition do not follow from
+    the exact sums it records (an edited or damaged file): they are recomputed here. Mean,
+    std and covariance are exact functions of the sums; eigenpairs may differ in the last
+    bits between LAPACK builds, hence the tolerance."""
+    try:
+        sums = result["sums"]
+        row = [0, int(sums["pixels"]), *map(int, sums["s"]), *map(int, sums["rr_rg_rb_gg_gb_bb"])]
+        want = statistics(np.array(row, dtype=object))
+        for key, rtol in (("mean", 1e-12), ("std", 1e-12), ("cov", 1e-12), ("eigval", 1e-9), ("eigvec", 1e-6)):
+            if not np.allclose(result[key], want[key], rtol=rtol, atol=rtol * 1e-3):
+                raise UserError(f"{path}: its {key} does not follow from its own sums (edited or damaged; "
+                                f"rerun alexpipe-pca)")
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not an alexpipe-pca result ({type(e).__name__}: {e}; rerun alexpipe-pca)") from None
 
 
 def check_shards(shards: list[dict], *, verify: bool, workers: int, show: bool = False) -> None:
@@ -122,6 +160,8 @@ def check_over_ranks(shards: list[dict], *, verify: bool, workers: int, rank: in
         problem = None
     except UserError as e:
         problem = str(e)
+    except Exception as e:  # noqa: BLE001 - an unreadable shard or index: every rank must hear of it
+        problem = f"{shards[rank::world][0]['tar'] if shards[rank::world] else ''}: {type(e).__name__}: {e}"
     problem = next((p for p in gather_objects(problem) if p), None)
     if problem:
         raise UserError(problem)

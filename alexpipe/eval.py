@@ -9,8 +9,9 @@ the corners of the whole short-side-256 image instead of the central square.
     torchrun --nproc_per_node 8 -m alexpipe.eval CHECKPOINT OUT
     alexpipe-predict CHECKPOINT IMAGE...
 
-Also draws filters.png (conv1's kernels, the paper's Figure 3) and predictions.png (val
-images with their top-5 classes, the paper's Figure 4).
+Also draws filters.png (conv1's kernels, the paper's Figure 3) and
+predictions-<split>-<dataset id>.png (val images with their top-5 classes, the paper's Figure 4,
+left).
 
 Top-k rule, stated because ties happen with low-precision logits: a sample is correct at k
 when fewer than k classes have a probability strictly greater than the true class's
@@ -37,7 +38,7 @@ from .model import load_for_eval
 from .runtime import Runtime, all_reduce_sum, barrier, cleanup
 from .pipeline import TEN_CROPS
 from .prepare import load_resized
-from .util import Bar, Help, UserError, config_dict, run_main, write_json
+from .util import Bar, Help, UserError, config_dict, run_main, save_png, write_json
 
 
 def crop_probabilities(model, images: torch.Tensor) -> torch.Tensor:
@@ -193,8 +194,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     expected = data.count(cfg.split)
     model = model.to(rt.device, memory_format=rt.memory_format)
     results = {}
-    for mode in ["center", "ten"] if cfg.crops == "both" else [cfg.crops]:
-        options = LoaderOptions(batch_size=cfg.batch_size // (10 if mode == "ten" else 1) or 1, threads=cfg.workers)
+    for i, mode in enumerate(["center", "ten"] if cfg.crops == "both" else [cfg.crops]):
+        options = LoaderOptions(batch_size=cfg.batch_size // (10 if mode == "ten" else 1) or 1, threads=cfg.workers,
+                                verify=i == 0)  # the shards' sha256 once
         loader = eval_loader(data, options, runtime=rt, split=cfg.split, ten_crop=mode == "ten",
                              full_image=cfg.full_image, normalize=info["normalize"])
         barrier()
@@ -214,7 +216,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 def summary(cfg: EvalConfig, r: dict) -> str:
     info = r["info"]
     lines = [f"{cfg.checkpoint} ({info['arch']}" + (f", epoch {info['epoch']}" if info.get("epoch") else "") +
-             f") on {cfg.out} {cfg.split}, {r['world']} rank(s), {cfg.device}"]
+             f") on {cfg.out} {cfg.split}, {r['world']} rank(s), {r['runtime'].device.type}"]
     for mode, v in r["results"].items():
         what = "ten-crop (" + ("whole image" if cfg.full_image else "central 256 square") + ")" \
             if mode == "ten" else "center crop"
@@ -267,15 +269,16 @@ def write_outputs(cfg: EvalConfig, r: dict) -> None:
     info, model, data = r["info"], r["model"], r["data"]
     figures = cfg.figures or cfg.checkpoint.parent
     figures.mkdir(parents=True, exist_ok=True)
-    filters_image(model).save(figures / "filters.png")
+    save_png(filters_image(model), figures / "filters.png")
     fig = predictions_image(model, info, data, cfg.split, r["runtime"].device, r["runtime"].amp_dtype)
     predictions = figures / f"predictions-{cfg.split}-{data.identity[:8]}.png"
-    fig.savefig(predictions, dpi=110)
+    save_png(fig, predictions, dpi=110)
     print(f"wrote {figures / 'filters.png'} and {predictions}")
     if cfg.json:
         classes = info["classes"]
         out = {"checkpoint": str(cfg.checkpoint), "out": str(cfg.out), "split": cfg.split, "arch": info["arch"],
-               "ranks": r["world"], "device": cfg.device, "full_image": cfg.full_image, "config": config_dict(cfg),
+               "ranks": r["world"], "device": r["runtime"].device.type, "full_image": cfg.full_image,
+               "config": config_dict(cfg),
                "results": {}}
         for mode, v in r["results"].items():
             out["results"][mode] = {k: v[k] for k in ("count", "top1_err", "top5_err", "loss", "seconds",

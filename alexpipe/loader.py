@@ -19,7 +19,7 @@ last batch partial, no padding counted.
 
 State: `state_dict()` (epoch, batch within it, and DALI's own checkpoint of reader positions
 and random generators) restores the exact sample order and augmentation, at an epoch boundary
-or mid-epoch.
+or mid-epoch (with echo, between rounds of pipelines x echo batches).
 
 alexpipe-preview (main below) draws a grid of augmented training crops and one ten-crop set.
 """
@@ -41,7 +41,7 @@ from nvidia.dali import types
 from .dataset import Prepared, check_over_ranks
 from .pipeline import eval_pipeline, train_pipeline
 from .runtime import Runtime
-from .util import Help, UserError, run_main
+from .util import Help, UserError, default_workers, run_main, save_png
 
 # DALI has no bf16: fp16 out, cast on the device
 DTYPES = {"bf16": (types.FLOAT16, torch.bfloat16), "fp16": (types.FLOAT16, torch.float16),
@@ -51,9 +51,10 @@ PIPELINES_GPU, THREADS_GPU = 4, 4  # per rank on a GPU: more decodes in flight, 
 
 @dataclass(frozen=True, kw_only=True)
 class LoaderOptions:
-    """How a loader makes its batches. Training uses all of these, evaluation the first five."""
+    """How a loader makes its batches. Evaluation uses batch_size, threads, prefetch, verify,
+    sources and crop; training all of them."""
     batch_size: int = 256  # per rank
-    threads: int | None = None  # DALI threads per pipeline; default: THREADS_GPU on a GPU, the cores on the CPU
+    threads: int | None = None  # DALI threads per pipeline; default: THREADS_GPU on a GPU, cores / pipelines on CPU
     prefetch: int = 2
     verify: bool = True  # sha256 of every shard first (else only their sizes)
     sources: bool = False  # batches are (images, labels, ["tar:offset:key.jpg", ...])
@@ -82,7 +83,7 @@ class LoaderOptions:
         """The defaults that depend on the device filled in; evaluation reads every sample once,
         in one pipeline, so the training-only options are reset for it."""
         pipelines = (self.pipelines or (PIPELINES_GPU if rt.cuda else 1)) if train else 1
-        threads = self.threads or (THREADS_GPU if rt.cuda else max(1, len(os.sched_getaffinity(0)) // pipelines))
+        threads = self.threads or (THREADS_GPU if rt.cuda else max(1, default_workers() // pipelines))
         if not train:
             return dataclasses.replace(self, pipelines=1, threads=threads, echo=1, cache="off", fixed_share=False)
         return dataclasses.replace(self, pipelines=pipelines, threads=threads)
@@ -200,6 +201,8 @@ class DaliLoader:
         # train: every pipeline of every rank gives the same number of full batches;
         # eval (one pipeline): every sample once, the last batch partial
         self.runs = pipelines * (layout.least // b) if train else math.ceil(self.rank_size / b)
+        if not train and layout.total < layout.world:  # global numbers: every rank refuses alike
+            raise UserError(f"{layout.total} samples are fewer than the {layout.world} ranks")
         if self.runs == 0:
             hint = " (lower the batch size or pass pipelines=1)" if pipelines > 1 else ""
             raise UserError(f"batch size {b} x {layout.world} rank(s) x {pipelines} pipeline(s) is more than "
@@ -215,10 +218,12 @@ class DaliLoader:
     def _check_state(self, state: dict | None, pipelines: int) -> None:
         if not state:
             return
+        written = {"pipelines": len(state["dali"]), "echo": state.get("echo", 1),
+                   "fixed_share": state.get("fixed_share", False)}  # (states of 0.1.0 had neither)
         for key, value in (("pipelines", pipelines), ("echo", self.echo), ("fixed_share", self.fixed_share)):
-            written = len(state["dali"]) if key == "pipelines" else state[key]
-            if written != value:
-                raise UserError(f"the loader state was written with {key}={written}, not {key}={value}")
+            if written[key] != value:
+                what = " (a decoder cache implies a fixed share: the same --cache)" if key == "fixed_share" else ""
+                raise UserError(f"the loader state was written with {key}={written[key]}, not {key}={value}{what}")
 
     def __len__(self) -> int:
         return self.length
@@ -301,6 +306,9 @@ def plan_cache(options: LoaderOptions, needed: float, rt: Runtime) -> tuple[floa
         return 0.0, (f"decoder cache off: this rank's share needs {needed:.1f} GB, {free:.1f} GB of GPU memory "
                      f"is free ({CACHE_RESERVE_GB:g} GB kept for training); --cache gpu --cache-gb N caches part")
     size = min(needed, options.cache_gb if options.cache_gb is not None else room)
+    if size <= 0:
+        return 0.0, (f"decoder cache off: {free:.1f} GB of GPU memory is free and {CACHE_RESERVE_GB:g} GB is kept "
+                     f"for training; --cache-gb N caches part anyway")
     part = "all" if size >= needed else f"{100 * size / needed:.0f}%"
     return size, (f"decoder cache: {size:.1f} GB of GPU memory for {part} of this rank's share ({needed:.1f} GB; "
                   f"{free:.1f} GB free); epoch 1 decodes and fills it, later epochs copy from it")
@@ -393,7 +401,7 @@ def preview(out: Path, png: Path, n: int, seed: int, device: str | None) -> None
     for i, t in enumerate(tiles):
         row, col = (i // cols, i % cols) if i < n else (top + (i - n) // cols, (i - n) % cols)
         grid.paste(Image.fromarray(t), (col * (size + gap), row * (size + gap)))
-    grid.save(png)
+    save_png(grid, png)
 
 
 def parser() -> argparse.ArgumentParser:

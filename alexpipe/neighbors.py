@@ -33,11 +33,11 @@ import torch
 from PIL import Image
 
 from .dataset import Prepared
-from .eval import class_name
-from .loader import LoaderOptions, eval_loader
+from .eval import anchor, class_name
+from .loader import LoaderOptions, eval_loader, range_sizes
 from .model import load_for_eval
 from .runtime import Runtime, cleanup, gather_objects
-from .util import Bar, Help, UserError, run_main, write_json
+from .util import Bar, Help, UserError, run_main, save_png, write_json
 
 MARGIN = 16  # candidates kept beyond k, so that the certificate rarely fails
 
@@ -162,7 +162,9 @@ def full_scan(q: torch.Tensor, pool: torch.Tensor, rank_of: torch.Tensor, keep: 
 
 
 def share_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    return n * rank // world, n * (rank + 1) // world
+    """Rank's range of a split in stored order, as the eval loader reads it."""
+    sizes = range_sizes(n, world)
+    return sum(sizes[:rank]), sum(sizes[:rank + 1])
 
 
 def chosen(n: int, queries: int, seed: int) -> list[int]:
@@ -211,7 +213,7 @@ def find(cfg: NeighborsConfig) -> dict:
     t1 = time.perf_counter()
     lo, _ = share_range(len(pool_keys), rt.rank, rt.world)
     d2, idx = search(queries.to(pool.device), pool, pool_keys[lo:lo + len(pool)], cfg.k, cfg.chunk)
-    idx = idx.cpu()
+    d2, idx, pool_labels = d2.cpu(), idx.cpu(), pool_labels.cpu()  # one copy each, not one sync an element
     found = [[(float(d2[i, j]), pool_keys[lo + int(idx[i, j])], int(pool_labels[int(idx[i, j])]))
               for j in range(d2.shape[1])] for i in range(len(queries))]
     t2, found = time.perf_counter(), gather_objects(found)
@@ -247,7 +249,7 @@ def read_images(data: Prepared, split: str, keys: set[str]) -> dict[tuple[str, s
                 f.seek(int(fields[j + 1]))
                 img = np.asarray(Image.open(io.BytesIO(f.read(int(fields[j + 2])))).convert("RGB"))
                 h, w = img.shape[:2]
-                y, x = int(np.floor((h - 224) * 0.5 + 0.5)), int(np.floor((w - 224) * 0.5 + 0.5))
+                y, x = anchor(0.5, h - 224), anchor(0.5, w - 224)
                 found[split, key] = img[y:y + 224, x:x + 224]
     return found
 
@@ -326,7 +328,7 @@ def _main(argv) -> int:
             png_path = cfg.png or json_path.with_suffix(".png")
             write_json(json_path, queries)
             fig = figure(queries, cfg, r["data"], r["info"]["classes"])
-            fig.savefig(png_path, dpi=100)
+            save_png(fig, png_path)
             hits, n = agreement(queries, cfg.query == cfg.pool)
             print(f"{n} {cfg.query} queries against {r['pool']} {cfg.pool} samples, k={cfg.k}, {r['ranks']} rank(s): "
                   f"features {r['feature_seconds']:.1f} s, search {r['search_seconds']:.1f} s; the nearest "

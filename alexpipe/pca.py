@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import Prepared, check_shards, find_bad_sample
+from .dataset import Prepared, check_shards, find_bad_sample, statistics
+from .loader import PIPELINES_GPU
 from .pipeline import READER, decoded_pipeline
 from .runtime import Runtime
 from .util import Bar, Help, UserError, config_dict, default_workers, print_config, run_main, write_json
@@ -55,41 +56,6 @@ class PCAConfig:
 # A row of sufficient statistics: images, pixels, channel sums (3), sums of products
 # rr rg rb gg gb bb (6). Rows are numpy object arrays of Python ints, so adding them is exact.
 ROW = 11
-
-
-def statistics(row) -> dict:
-    """mean, std, cov, eigval, eigvec from exact sums: the covariance numerator
-    n*ss - s s^T is formed in integers, then divided once (correctly rounded)."""
-    n, s = int(row[1]), [int(v) for v in row[2:5]]
-    rr, rg, rb, gg, gb, bb = (int(v) for v in row[5:11])
-    ss = [[rr, rg, rb], [rg, gg, gb], [rb, gb, bb]]
-    if n < 2:
-        raise UserError("fewer than 2 pixels: nothing to compute")
-    cov = np.array([[(n * ss[i][j] - s[i] * s[j]) / (n * (n - 1)) for j in range(3)] for i in range(3)])
-    eigval, eigvec = np.linalg.eigh(cov)
-    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
-    for k in range(3):  # sign convention: largest-magnitude component positive
-        if eigvec[np.argmax(np.abs(eigvec[:, k])), k] < 0:
-            eigvec[:, k] = -eigvec[:, k]
-    return {"mean": [si / n for si in s], "std": np.sqrt(np.diag(cov)).tolist(), "cov": cov.tolist(),
-            "eigval": eigval.tolist(), "eigvec": eigvec.tolist()}
-
-
-def check_sums(result: dict, path) -> None:
-    """Refuse a pca.json whose mean, std, covariance or eigen-decomposition do not follow from
-    the exact sums it records (an edited or damaged file): they are recomputed here. Mean,
-    std and covariance are exact functions of the sums; eigenpairs may differ in the last
-    bits between LAPACK builds, hence the tolerance."""
-    try:
-        sums = result["sums"]
-        row = [0, int(sums["pixels"]), *map(int, sums["s"]), *map(int, sums["rr_rg_rb_gg_gb_bb"])]
-        want = statistics(np.array(row, dtype=object))
-        for key, rtol in (("mean", 1e-12), ("std", 1e-12), ("cov", 1e-12), ("eigval", 1e-9), ("eigvec", 1e-6)):
-            if not np.allclose(result[key], want[key], rtol=rtol, atol=rtol * 1e-3):
-                raise UserError(f"{path}: its {key} does not follow from its own sums (edited or damaged; "
-                                f"rerun alexpipe-pca)")
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: not an alexpipe-pca result ({type(e).__name__}: {e}; rerun alexpipe-pca)") from None
 
 
 def jackknife(groups: np.ndarray) -> dict:
@@ -145,13 +111,14 @@ def image_sums(images: torch.Tensor):
 IN_FLIGHT = 4  # batches whose sums are still being computed on the GPU when the next is read
 
 
-def decoded_batches(shards: list[dict], device: str, workers: int, batch_size: int, pipelines: int):
+def decoded_batches(shards: list[dict], device: str, workers: int, batch_size: int, pipelines: int,
+                    device_id: int = 0):
     """Every image of `shards` once, as (pixels (k, N, 3) uint8 zero-padded, shapes (k, 3))
     batches on the decoding device: `pipelines` DALI pipelines read disjoint ranges of the
     shards, taken in turn (more decodes in flight), workers // pipelines threads each."""
     total = sum(s["count"] for s in shards)
     pipes = [decoded_pipeline(shards, device, p, pipelines, batch_size=batch_size,
-                              num_threads=max(1, workers // pipelines), device_id=0 if device == "gpu" else None,
+                              num_threads=max(1, workers // pipelines), device_id=device_id if device == "gpu" else None,
                               prefetch_queue_depth=2) for p in range(pipelines)]
     for pipe in pipes:
         pipe.build()
@@ -199,7 +166,7 @@ def add_sums(groups: np.ndarray, event, sums, _pixels, shapes: np.ndarray, start
 
 
 def accumulate(shards: list[dict], device: str, workers: int, batch_size: int,
-               in_flight: int = IN_FLIGHT, pipelines: int = 1) -> tuple[np.ndarray, float]:
+               in_flight: int = IN_FLIGHT, pipelines: int = 1, device_id: int = 0) -> tuple[np.ndarray, float]:
     """The streaming pass over every image of `shards`: one exact row of sums per jackknife
     group, as a (GROUPS, ROW) object array, and the time.perf_counter() at which the first
     batch arrived (the end of the start-up). The host waits for a batch's sums only
@@ -207,7 +174,7 @@ def accumulate(shards: list[dict], device: str, workers: int, batch_size: int,
     groups = np.zeros((GROUPS, ROW), dtype=object)
     pending, ordinal, first = collections.deque(), 0, None
     with Bar(total=sum(s["count"] for s in shards), unit="img", desc="pca", smoothing=0.05) as bar:
-        for x, shapes in decoded_batches(shards, device, workers, batch_size, pipelines):
+        for x, shapes in decoded_batches(shards, device, workers, batch_size, pipelines, device_id):
             first = first or time.perf_counter()
             pending.append(start_sums(x, shapes, ordinal))
             if len(pending) > in_flight:
@@ -223,13 +190,14 @@ def compute(cfg: PCAConfig) -> dict:
     data = Prepared.open(cfg.out, pca=False)
     if not 0 < cfg.fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1], got {cfg.fraction}")
-    device = "gpu" if Runtime.start(cfg.device, distributed=False).cuda else "cpu"
+    rt = Runtime.start(cfg.device, distributed=False)
+    device = "gpu" if rt.cuda else "cpu"
     shards = choose_shards(data.split(cfg.split), cfg.fraction, cfg.seed)
     check_shards(shards, verify=True, workers=cfg.workers, show=True)
     t0 = time.perf_counter()
     batch_size = cfg.batch_size or (256 if device == "gpu" else 32)
-    pipelines = cfg.pipelines or (4 if device == "gpu" else 1)
-    groups, first = accumulate(shards, device, cfg.workers, batch_size, pipelines=pipelines)
+    pipelines = cfg.pipelines or (PIPELINES_GPU if device == "gpu" else 1)
+    groups, first = accumulate(shards, device, cfg.workers, batch_size, pipelines=pipelines, device_id=rt.local_rank)
     end = time.perf_counter()
     seconds, startup = end - t0, first - t0
     total = groups.sum(0)

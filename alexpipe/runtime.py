@@ -34,7 +34,8 @@ class Runtime:
     def start(cls, device: str | None = None, precision: str | None = None, *, channels_last: bool | None = None,
               distributed: bool = True) -> Runtime:
         """Resolve the words, and with `distributed` join torchrun's process group (NCCL for
-        cuda, gloo for cpu) when its environment says there are several ranks."""
+        cuda, gloo for cpu) when its environment says there are several ranks. A process group
+        that already exists (a user's own DDP script) decides rank and world either way."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device not in DEVICES:
             raise UserError(f"device must be cuda or cpu, got {device!r}")
@@ -55,8 +56,10 @@ class Runtime:
         dev = torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
         if distributed and world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None)
+        elif not dist.is_initialized() and not distributed:
+            rank, world = 0, 1
         cl = (device == "cuda") if channels_last is None else channels_last
-        return cls(dev, precision, rank if distributed else 0, world if distributed else 1, local, cl)
+        return cls(dev, precision, rank, world, local, cl)
 
     def as_rank(self, rank: int, world: int) -> Runtime:
         """The same device and precision as rank `rank` of `world` (loaders for one rank, in tests)."""

@@ -8,8 +8,9 @@ on every weight, batch 128, lr 0.01 divided by 10 when the validation error stop
 improving (the paper did so three times in ~90 epochs); `--schedule step` divides every
 30 epochs instead. The lr is scaled linearly with the global batch B, for any B (0.01 *
 B / 128: 0.0025 at batch 32); above 128 it warms up linearly from 0.01 over 5 epochs
-(Goyal et al. 2017); --warmup-epochs sets the length (from 0 when the batch is <= 128). On CUDA: bf16 autocast,
-channels_last and torch.compile (each can be turned off). Data: the DALI train loader
+(Goyal et al. 2017); --warmup-epochs sets the length (from 0 when the batch is <= 128).
+channels_last memory (--no-channels-last); on CUDA also bf16 autocast, torch.compile and fused
+SGD. Data: the DALI train loader
 (random crop, flip, PCA lighting from OUT/pca.json) and the center-crop val loader.
 
 Output (rank 0): a progress bar per epoch, a one-line summary per epoch, RUN/config.json,
@@ -39,7 +40,7 @@ from .eval import evaluate
 from .loader import PIPELINES_GPU, DaliLoader, LoaderOptions, cuda_queues_note, eval_loader, train_loader
 from .model import ARCHS, Checkpoint, alexnet
 from .runtime import Runtime, broadcast_object, cleanup, gather_objects
-from .util import (Bar, DiskFull, Help, UserError, atomic_file, atomic_write_bytes, config_dict, print_config,
+from .util import (Bar, DiskFull, Help, UserError, atomic_write_bytes, config_dict, print_config, save_png,
                    run_main, write_json)
 
 BASE_BATCH = 128
@@ -215,11 +216,7 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_file(path) as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    save_png(fig, path)
 
 
 @dataclass
@@ -259,6 +256,9 @@ def resume_from(cfg: TrainConfig, rt: Runtime, data: Prepared) -> Checkpoint | N
     if cfg.resume is None:
         return None
     ckpt = Checkpoint.load(cfg.resume)
+    if None in (ckpt.loader, ckpt.rng, ckpt.optimizer, ckpt.schedule, ckpt.scaler):
+        raise UserError(f"{cfg.resume}: a checkpoint without training state (loader, optimizer, schedule): "
+                        f"it can be evaluated, not resumed")
     ckpt.check(cfg.resume, arch=cfg.arch, groups=cfg.groups, world=rt.world, pipelines=cfg.pipelines, echo=cfg.echo,
                manifest_sha256=data.identity, pca_sha256=data.pca_sha256)
     return ckpt
@@ -300,7 +300,7 @@ def build(cfg: TrainConfig, rt: Runtime, data: Prepared, ckpt: Checkpoint | None
         model.load_state_dict(ckpt.model)
         optimizer.load_state_dict(ckpt.optimizer)
         for group in optimizer.param_groups:  # hyperparameters are this run's, the buffers the checkpoint's
-            group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=rt.cuda)
         scaler.load_state_dict(ckpt.scaler)
         progress = {k: ckpt.schedule[k] for k in ("drops", "best", "bad_epochs")}  # lr settings: this run's
         schedule = dataclasses.replace(schedule, **progress)
@@ -353,9 +353,9 @@ def checkpoint(cfg: TrainConfig, rt: Runtime, data: Prepared, run: Run) -> Check
                       manifest_sha256=data.identity, pca_sha256=data.pca_sha256, loader=loaders, rng=rngs)
 
 
-def save_epoch(run_dir: Path, ckpt: Checkpoint, metrics: list[dict]) -> str | None:
+def save_epoch(run_dir: Path, ckpt: Checkpoint, metrics: list[dict]) -> None:
     """The checkpoint, then metrics.jsonl and curves.png (so a resume never repeats or loses a
-    row); None, or the line to stop with if the disk is full."""
+    row); a full disk is a line that says which checkpoint is intact."""
     path = run_dir / "checkpoint.pt"
     try:
         ckpt.save(path)
@@ -365,8 +365,23 @@ def save_epoch(run_dir: Path, ckpt: Checkpoint, metrics: list[dict]) -> str | No
         saved = ckpt.epoch - (e.path == path)
         intact = (f"{path} holds epoch {saved}, intact: free space and add --resume {path}" if saved
                   else "no checkpoint was written yet")
-        return f"{run_dir}: disk full (no space left on device) while writing {e.path.name}; {intact}"
-    return None
+        raise UserError(f"{run_dir}: disk full (no space left on device) while writing {e.path.name}; {intact}") \
+            from None
+
+
+def on_main(rt: Runtime, write) -> None:
+    """Run `write` (the run's files) on rank 0; whatever stops it there stops every rank with its
+    line, so none is left waiting in a collective."""
+    problem = None
+    if rt.main:
+        try:
+            write()
+        except UserError as e:
+            problem = str(e)
+        except OSError as e:
+            problem = f"{e.filename or 'the run dir'}: cannot write ({e.strerror or e})"
+    if problem := broadcast_object(problem):
+        raise UserError(problem)
 
 
 def train(cfg: TrainConfig) -> list[dict]:
@@ -379,14 +394,11 @@ def train(cfg: TrainConfig) -> list[dict]:
     ckpt = resume_from(cfg, rt, data)
     run_dir = run_dir_for(cfg)
     run = build(cfg, rt, data, ckpt)
-    if rt.main:
-        announce(cfg, rt, data, run, run_dir)
+    on_main(rt, lambda: announce(cfg, rt, data, run, run_dir))
     for epoch in range(run.start, cfg.epochs):
         run.metrics.append(run_epoch(cfg, rt, run, data, epoch))
         ckpt = checkpoint(cfg, rt, data, run)
-        problem = save_epoch(run_dir, ckpt, run.metrics) if rt.main else None
-        if problem := broadcast_object(problem):  # every rank stops together
-            raise UserError(problem)
+        on_main(rt, lambda: save_epoch(run_dir, ckpt, run.metrics))
     return run.metrics
 
 

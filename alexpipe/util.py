@@ -115,6 +115,18 @@ def no_space(e: BaseException | None) -> bool:
     return False
 
 
+def save_png(picture, path: Path, dpi: int = 100) -> None:
+    """A matplotlib figure (then closed) or a PIL image as PNG, atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        if hasattr(picture, "savefig"):
+            picture.savefig(f, format="png", dpi=dpi)
+        else:
+            picture.save(f, format="PNG")
+    if hasattr(picture, "savefig"):
+        import matplotlib.pyplot as plt
+        plt.close(picture)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)

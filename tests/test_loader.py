@@ -425,3 +425,22 @@ def test_eval_ignores_the_training_options(unique_out):
     options = LoaderOptions(batch_size=6, pipelines=2, echo=2, fixed_share=True, sources=True)
     keys = [s.rsplit(":", 1)[1] for _, _, batch in eval_loader(unique_out, options, runtime=cpu()) for s in batch]
     assert keys == sorted(keys) and len(keys) == 20
+
+
+def test_eval_refuses_more_ranks_than_samples_on_every_rank(unique_out):
+    """20 val samples over 25 ranks: each rank refuses alike (decided from the global numbers),
+    so none is left waiting in a collective."""
+    for r in (0, 19, 24):
+        with pytest.raises(UserError, match="20 samples are fewer than the 25 ranks"):
+            eval_loader(unique_out, LoaderOptions(batch_size=4), runtime=cpu(rank=r, world=25))
+
+
+def test_a_state_without_the_newer_keys_still_resumes(synth_ready):
+    """A loader state written before echo and fixed shares existed resumes as echo 1, moving."""
+    def make(state=None):
+        return train_loader(synth_ready, LoaderOptions(batch_size=8, initial_fill=64), runtime=cpu(), state=state)
+    first = make()
+    for _ in first:
+        pass
+    state = {k: v for k, v in first.state_dict().items() if k not in ("echo", "fixed_share")}
+    assert make(state=state).epoch == 1

@@ -162,3 +162,18 @@ def test_torchrun_two_cpu_ranks_count_every_val_sample_once(small_out, tmp_path)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["world"] == 2 and len(ckpt["loader"]) == 2 and len(ckpt["rng"]) == 2
     assert proc.stdout.count("epoch   1/1") == 1  # rank 0 alone reports
+
+
+def _runtime_worker(rank: int, world: int, init: str, result: str):
+    import torch.distributed as tdist
+
+    from alexpipe.runtime import Runtime
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    rt = Runtime.start("cpu", distributed=False)  # as a library user's own DDP script calls the loaders
+    Path(f"{result}.{rank}").write_text(f"{rt.rank} {rt.world}")
+    tdist.destroy_process_group()
+
+
+def test_a_users_process_group_decides_rank_and_world(tmp_path):
+    torch.multiprocessing.spawn(_runtime_worker, args=(2, f"file://{tmp_path / 'init'}", str(tmp_path / "r")), nprocs=2)
+    assert [(tmp_path / f"r.{k}").read_text() for k in (0, 1)] == ["0 2", "1 2"]

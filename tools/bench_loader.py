@@ -61,7 +61,8 @@ def stream_rate(stream, batches, warmup=8) -> float:
 
 
 def loader_rate(out, batches, warmup=8, **kw) -> float:
-    loader = train_loader(out, LoaderOptions(verify=False, **kw), runtime=Runtime.start(distributed=False))
+    rt = Runtime.start(precision="fp16", distributed=False)  # fp16 batches, as these figures always were
+    loader = train_loader(out, LoaderOptions(verify=False, **kw), runtime=rt)
     return stream_rate(endless(loader), batches, warmup)
 
 

@@ -4,8 +4,8 @@
 #   bash tools/gpu_figures.sh STAGE JPEG_DIR WORK LOG_DIR
 # JPEG_DIR: real ImageNet JPEGs named <wnid>_*.JPEG (the optional real-image sample).
 # Stages:
-#   model    prepare the benchmark shards (JPEG_DIR x 60) and the short real run's tree; the
-#            LRN test on CUDA; tools/profile_model.py (no DALI needed)
+#   model    prepare the benchmark shards (JPEG_DIR x 60); the LRN test on CUDA;
+#            tools/profile_model.py (no DALI needed)
 #   loader   pca.json for the shards; tools/bench_pca.py; the GPU tests; tools/bench_loader.py
 #   train    tools/bench_train.py with the decoder cache, echo 2 and the PyTorch baseline
 #   profile  tools/profile_train.py for both archs; tools/bench_neighbors.py
@@ -59,7 +59,7 @@ real)
     bash tools/real_run.sh "$src" "$work/real" 20 10 --warmup-epochs 2 2>&1 | grep -v "it/s\]" | tee "$log/real_run.log"
     alexpipe-train "$work/real/out" --arch torchvision --epochs 5 --batch-size 256 --echo 2 --warmup-epochs 1 \
         --run-dir "$work/real/run_echo2" 2>&1 | grep -v "it/s\]" | tee "$log/real_run_echo2.log"
-    cp "$work/real/run/neighbors.png" "$work/real/run/curves.png" "$log/" 2>/dev/null || true
+    cp "$work/real/run/"neighbors-*.png "$work/real/run/curves.png" "$log/"
     ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -69,20 +69,18 @@ def layer_table(arch: str, b: int) -> None:
             y = layer(x)
         if isinstance(layer, (nn.ReLU, nn.Dropout)):
             layer = type(layer)()  # not in place: the timed input must stay as it is
-        for label, mod in [(name, layer)]:
-            eager = cuda_ms(layer_step(mod, x, index == 0))
-            # cuDNN and cuBLAS run the same kernels compiled or not: compile only what inductor writes
-            fusible = isinstance(mod, (LRN, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
-            compiled = cuda_ms(layer_step(torch.compile(mod), x, index == 0)) if fusible else eager
-            f = flops(mod, x, y)
-            rows.append((label, mod.__class__.__name__, tuple(y.shape[1:]), f, eager, compiled))
-            if label == name:
-                total[0], total[1] = total[0] + eager, total[1] + compiled
+        eager = cuda_ms(layer_step(layer, x, index == 0))
+        # cuDNN and cuBLAS run the same kernels compiled or not: compile only what inductor writes
+        fusible = isinstance(layer, (LRN, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
+        compiled = cuda_ms(layer_step(torch.compile(layer), x, index == 0)) if fusible else eager
+        f = flops(layer, x, y)
+        rows.append((name, layer.__class__.__name__, tuple(y.shape[1:]), f, eager, compiled))
+        total[0], total[1] = total[0] + eager, total[1] + compiled
         x = y
     print(f"\n{arch} AlexNet, batch {b}, bf16 autocast, channels_last: each layer alone, forward + backward")
     print(f"{'layer':<44} {'output':>16} {'GFLOP':>7} {'eager ms':>9} {'compiled ms':>11} {'share':>6} {'TFLOP/s':>8}")
     for label, kind, shape, f, eager, compiled in rows:
-        share = f"{100 * compiled / total[1]:5.1f}%" if "torch.nn" not in label else "     -"
+        share = f"{100 * compiled / total[1]:5.1f}%"
         tf = f"{f / compiled / 1e9:8.1f}" if f else ""
         print(f"{label + ' ' + kind:<44} {str(shape):>16} {f / 1e9:7.1f} {eager:9.3f} {compiled:11.3f} {share:>6} {tf:>8}")
     print(f"{'sum of the layers':<44} {'':>16} {'':>7} {total[0]:9.3f} {total[1]:11.3f} -> "

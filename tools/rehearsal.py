@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def make_tree(root: Path, fraction: float, seed: int = 0) -> tuple[int, int]:
             folder = root / "train" / wnid
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(size):
-                (folder / f"{wnid}_{i}.JPEG").write_bytes(pool[(hash(wnid) + i) % len(pool)])
+                (folder / f"{wnid}_{i}.JPEG").write_bytes(pool[(zlib.crc32(wnid.encode()) + i) % len(pool)])
             bar.update(size)
         (root / "val").mkdir(exist_ok=True)
         rows = ["ImageId,PredictionString"]
