@@ -8,7 +8,7 @@
 #            tools/profile_model.py (no DALI needed)
 #   loader   pca.json for the shards; tools/bench_pca.py; the GPU tests; tools/bench_loader.py
 #   train    tools/bench_train.py with the decoder cache, echo 2 and the PyTorch baseline
-#   profile  tools/profile_train.py for both archs; tools/bench_neighbors.py
+#   profile  tools/profile_train.py for both archs; tools/bench_host.py; tools/bench_neighbors.py
 #   real     tools/real_run.sh with and without --echo 2 (same steps), alexpipe-neighbors
 set -euo pipefail
 stage=$1; src=$(cd "$2" && pwd); work=$3; log=$4
@@ -49,6 +49,7 @@ profile)
     for arch in torchvision paper; do
         python3 tools/profile_train.py --out "$work/bench" --arch "$arch" 2>&1 | tee -a "$log/profile_train.log"
     done
+    python3 tools/bench_host.py --out "$work/bench" 2>&1 | tee "$log/bench_host.log"
     python3 tools/bench_neighbors.py --out "$work/bench" --queries 500 2>&1 | grep -v "it/s\]" \
         | tee "$log/bench_neighbors.log"
     if [ -n "${PRIORITY_TEST:-}" ]; then  # an experiment script: decoding on high/low-priority streams

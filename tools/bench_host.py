@@ -1,0 +1,116 @@
+"""Is the training thread's host time what keeps the model from its ceiling beside the loader?
+
+docs/benchmarks.md's profile found the model's stream idle two thirds of the time beside the
+loader while its kernels ran as fast as alone: the host issues them too slowly. This times,
+in interleaved rounds, the model fed by the loader with every image already in the decoder
+cache (so no JPEG is decoded) four ways, against its synthetic-data ceiling:
+  default     torch.compile, as alexpipe-train runs it
+  pinned      the training thread alone on core 0, every other thread of the process (DALI's)
+              on the other cores
+  graphs      torch.compile(mode="reduce-overhead"): one CUDA graph replay a step
+  both        pinned and graphs
+
+  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_host.py --out OUT [--arch torchvision]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, train_loader
+from alexpipe.model import alexnet
+from alexpipe.runtime import Runtime
+from bench_loader import endless
+
+
+def stepper(arch: str, b: int, graphs: bool):
+    torch.manual_seed(0)
+    model = alexnet(arch).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
+    compiled = torch.compile(model, mode="reduce-overhead" if graphs else "default")
+
+    def step(x, y):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.cross_entropy(compiled(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def rate(step, batches, steps: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        step(*next(batches))
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        x, y = next(batches)
+        step(x, y)
+        n += len(y)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def pin(on: bool) -> None:
+    """The calling thread alone on core 0 and every other thread of the process elsewhere, or
+    every thread back on all cores."""
+    cores = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
+    me = threading.get_native_id()
+    for tid in map(int, os.listdir("/proc/self/task")):
+        try:
+            os.sched_setaffinity(tid, ({cores[0]} if tid == me else set(cores[1:])) if on else set(cores))
+        except OSError:
+            pass  # a thread that ended meanwhile
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="prepared shards with pca.json (fits the cache)")
+    p.add_argument("--arch", default="torchvision")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_host: needs a CUDA GPU")
+    b = args.batch_size
+    options = LoaderOptions(batch_size=b, verify=False, pipelines=PIPELINES_GPU, threads=THREADS_GPU, cache="gpu")
+    loader = train_loader(args.out, options, runtime=Runtime.start("cuda", "bf16", distributed=False))
+    for _ in loader:  # epoch 1 fills the cache
+        pass
+    stream = endless(loader)
+    x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (b,), device="cuda")
+    steps = {graphs: stepper(args.arch, b, graphs) for graphs in (False, True)}
+    ceilings = {g: statistics.median(rate(s, itertools.repeat((x, y)), args.steps, warmup=30) for _ in range(3))
+                for g, s in steps.items()}
+    timings = {case: [] for case in ("default", "pinned", "graphs", "both")}
+    for _ in range(args.repeats):
+        for case in timings:
+            pin(case in ("pinned", "both"))
+            timings[case].append(rate(steps[case in ("graphs", "both")], stream, args.steps))
+    pin(False)
+    print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} cores; {args.arch} AlexNet, batch {b}, loader "
+          f"{PIPELINES_GPU} x {THREADS_GPU} with every image cached; median of {args.repeats} x {args.steps} steps")
+    print(f"  ceiling (synthetic): compiled {ceilings[False]:.0f}, CUDA graphs {ceilings[True]:.0f} images/s")
+    for case, t in timings.items():
+        m = statistics.median(t)
+        print(f"  {case:<8} {m:8.0f} images/s = {m / ceilings[False]:.2f} of the compiled ceiling "
+              f"(timings {min(t):.0f}-{max(t):.0f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
