@@ -41,6 +41,14 @@ def test_lrn_is_the_papers_formula(groups):
     assert np.abs(want - a).max() > 1.0
 
 
+@pytest.mark.parametrize("size", [3, 4, 5])
+def test_lrn_equals_torchs_for_any_window(size):
+    """Even windows too: torch's placement (size // 2 maps before i, the rest after)."""
+    x = torch.randn(2, 12, 3, 3, dtype=torch.float64) * 40
+    want = torch.nn.functional.local_response_norm(x, size, 1e-4 * size, 0.75, 2.0)
+    torch.testing.assert_close(local_response_norm(x, size), want, rtol=1e-12, atol=0)
+
+
 def test_parameter_counts_are_the_known_totals():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(alexnet("torchvision")) == 61_100_840  # torchvision's AlexNet

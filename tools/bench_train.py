@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--echo", type=int, default=1, help="also time (a) with this echo, first loader setting")
     p.add_argument("--baseline", action="store_true", help="also time (c)")
     p.add_argument("--cache", action="store_true", help="also time whole epochs with the decoder cache")
+    p.add_argument("--cache-only", action="store_true", help="only (b) and the whole epochs of --cache")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_train: needs a CUDA GPU")
@@ -160,28 +161,35 @@ def main(argv=None) -> int:
         for arch in args.archs.split(","):
             compiled, opt, ceiling = model_and_ceiling(arch, b, args.steps, args.repeats)
             print(f"\n{arch} AlexNet\n  (b) synthetic GPU tensors (ceiling)  {ceiling:8.0f} images/s", flush=True)
-            a, d = fed_rates(compiled, opt, out, b, settings, args.echo, args.steps, args.repeats)
-            for name in a:
-                am, dm = statistics.median(a[name]), statistics.median(d[name])
-                print(f"  (a) loader {name:<20} {am:8.0f} images/s = {am / ceiling:.2f} of (b) "
-                      f"(timings {min(a[name]):.0f}-{max(a[name]):.0f});  (d) alone {dm:8.0f} = {dm / ceiling:.2f} "
-                      f"of (b)", flush=True)
-            first = statistics.median(a[next(iter(a))])
-            print(f"  projected 90 ImageNet epochs, {args.loaders.split(',')[0]}, no cache: "
-                  f"{90 * IMAGENET_TRAIN / first / 3600:.2f} h on one GPU", flush=True)
-            if args.baseline:
-                tv = (
-                    (x.cuda(non_blocking=True).to(torch.bfloat16, memory_format=torch.channels_last), y.cuda())
-                    for x, y in torchvision_loader(out, b, cores))
-                base = rate(compiled, opt, tv, max(40, args.steps // 2), warmup=2 * cores)
-                tv.close()  # shuts its worker processes down before the next measurement
-                print(f"  (c) webdataset+PIL+torchvision, {cores} workers {base:7.0f} images/s; (a)/(c) = "
-                      f"{first / base:.1f}", flush=True)
-            if args.cache:
+            if not args.cache_only:
+                fed(compiled, opt, out, settings, ceiling, args, cores)
+            if args.cache or args.cache_only:
                 cache_epochs(compiled, opt, out, b, settings[0], ceiling)
             del compiled, opt
             gc.collect()
     return 0
+
+
+def fed(compiled, opt, out, settings, ceiling, args, cores) -> None:
+    """(a), (d) and with --baseline (c), printed."""
+    b = args.batch_size
+    a, d = fed_rates(compiled, opt, out, b, settings, args.echo, args.steps, args.repeats)
+    for name in a:
+        am, dm = statistics.median(a[name]), statistics.median(d[name])
+        print(f"  (a) loader {name:<20} {am:8.0f} images/s = {am / ceiling:.2f} of (b) "
+              f"(timings {min(a[name]):.0f}-{max(a[name]):.0f});  (d) alone {dm:8.0f} = {dm / ceiling:.2f} "
+              f"of (b)", flush=True)
+    first = statistics.median(a[next(iter(a))])
+    print(f"  projected 90 ImageNet epochs, {args.loaders.split(',')[0]}, no cache: "
+          f"{90 * IMAGENET_TRAIN / first / 3600:.2f} h on one GPU", flush=True)
+    if args.baseline:
+        tv = (
+            (x.cuda(non_blocking=True).to(torch.bfloat16, memory_format=torch.channels_last), y.cuda())
+            for x, y in torchvision_loader(out, b, cores))
+        base = rate(compiled, opt, tv, max(40, args.steps // 2), warmup=2 * cores)
+        tv.close()  # shuts its worker processes down before the next measurement
+        print(f"  (c) webdataset+PIL+torchvision, {cores} workers {base:7.0f} images/s; (a)/(c) = "
+              f"{first / base:.1f}", flush=True)
 
 
 if __name__ == "__main__":
