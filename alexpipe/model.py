@@ -35,12 +35,13 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
     """The paper's response normalization, b_i = a_i / (k + alpha * sum_j a_j^2)^beta, the sum
     over the `size` maps centred on i (clipped at the ends, as torch's local_response_norm) within
     each of `groups` channel groups, in float32 (bf16 squares lose the sum). The window sums are
-    one matmul of the squares with a 0/1 band matrix: a GEMM runs near the memory bound forward
-    and backward, where torch's pooling formulation took 5x longer (docs/benchmarks.md)."""
+    one matmul of the squares with a 0/1 band matrix, faster than torch's pooling formula forward
+    and backward, most of all with two groups (docs/benchmarks.md)."""
     c = x.shape[1]
     i = torch.arange(c, device=x.device)
     offset = i[:, None] - i[None, :]  # [j, i]: map j is in i's window
-    band = (offset >= -(size // 2)) & (offset <= (size - 1) // 2) & (i[:, None] * groups // c == i[None, :] * groups // c)
+    group = i * groups // c
+    band = (offset >= -(size // 2)) & (offset <= (size - 1) // 2) & (group[:, None] == group[None, :])
     with torch.autocast(x.device.type, enabled=False):  # autocast would multiply in bf16
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         sums = torch.matmul(wide.square().movedim(1, -1), band.to(wide.dtype)).movedim(-1, 1)
