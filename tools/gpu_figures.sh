@@ -5,9 +5,10 @@
 # JPEG_DIR: real ImageNet JPEGs named <wnid>_*.JPEG (the optional real-image sample).
 # Stages:
 #   model    prepare the benchmark shards (JPEG_DIR x 60); the LRN test on CUDA;
-#            tools/profile_model.py (no DALI needed)
+#            tools/profile_model.py, tools/bench_lrn.py (no DALI needed)
 #   loader   pca.json for the shards; tools/bench_pca.py; the GPU tests; tools/bench_loader.py
-#   train    tools/bench_train.py with the decoder cache, echo 2 and the PyTorch baseline
+#   train    tools/bench_train.py with the decoder cache, echo 2 and the PyTorch baseline; the
+#            decoder cache again on a 4x larger set (JPEG_DIR x 240, --cache-only)
 #   profile  tools/profile_train.py for both archs; tools/bench_host.py; tools/bench_neighbors.py
 #   real     tools/real_run.sh with and without --echo 2 (same steps), alexpipe-neighbors
 set -euo pipefail
@@ -35,6 +36,7 @@ prepare(PrepareConfig(src=work / "bench_src", out=work / "bench", split="train",
 PY
     python3 -m pytest -q tests/test_model.py 2>&1 | tee "$log/test_model.log"
     python3 tools/profile_model.py 2>&1 | tee "$log/profile_model.log"
+    python3 tools/bench_lrn.py 2>&1 | tee "$log/bench_lrn.log"
     ;;
 loader)
     python3 -m alexpipe.pca "$work/bench" 2>&1 | tail -8 | tee "$log/pca.log"
@@ -44,6 +46,8 @@ loader)
     ;;
 train)
     python3 tools/bench_train.py --out "$work/bench" --cache --echo 2 --baseline 2>&1 | tee "$log/bench_train.log"
+    python3 tools/bench_train.py --src "$src" --repeat 240 --cache-only 2>&1 | grep -v "it/s\]" \
+        | tee "$log/bench_train_cache120.log"
     ;;
 profile)
     for arch in torchvision paper; do
