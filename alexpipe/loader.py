@@ -52,7 +52,7 @@ PIPELINES_GPU, THREADS_GPU = 4, 4  # per rank on a GPU: more decodes in flight, 
 @dataclass(frozen=True, kw_only=True)
 class LoaderOptions:
     """How a loader makes its batches. Evaluation uses batch_size, threads, prefetch, verify,
-    sources and crop; training all of them."""
+    sources, crop and mmap; training all of them."""
     batch_size: int = 256  # per rank
     threads: int | None = None  # DALI threads per pipeline; default: THREADS_GPU on a GPU, cores / pipelines on CPU
     prefetch: int = 2
@@ -68,6 +68,7 @@ class LoaderOptions:
     cache: str = "off"  # decoded images in GPU memory: off | gpu | auto (gpu if the rank's share fits)
     cache_gb: float | None = None  # default: the rank's share, or what is free less CACHE_RESERVE_GB
     fixed_share: bool = False  # each rank keeps one share of the samples (implied by a cache; see Layout)
+    mmap: bool = True  # map the shards (their pages count in RSS) or read them (RSS stays flat; see read_shards)
 
     def check(self) -> None:
         for name in ("batch_size", "prefetch", "echo", "initial_fill", "crop"):
@@ -353,7 +354,7 @@ def train_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime
                               cache_mb=math.ceil(cache_gb * 1e9 / 2**20), echo=o.echo, with_sources=o.sources,
                               batch_size=o.batch_size, seed=o.seed * 100_003 + shard_id,
                               prefetch_queue_depth=o.prefetch, checkpoint=checkpoint, num_threads=o.threads,
-                              device_id=rt.local_rank if rt.cuda else None)
+                              device_id=rt.local_rank if rt.cuda else None, mmap=o.mmap)
 
     loader = DaliLoader(make, layout, o, rt, train=True, state=state)
     loader.share_dir, loader.cache_gb = tmp, cache_gb  # the cut index files live as long as the loader
@@ -373,7 +374,7 @@ def eval_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime 
                              crop=o.crop, dtype=DTYPES[rt.precision][0], layout="HWC" if rt.channels_last else "CHW",
                              ten_crop=ten_crop, full_image=full_image, with_sources=o.sources, batch_size=o.batch_size,
                              prefetch_queue_depth=o.prefetch, checkpoint=checkpoint, num_threads=o.threads,
-                             device_id=rt.local_rank if rt.cuda else None)
+                             device_id=rt.local_rank if rt.cuda else None, mmap=o.mmap)
 
     return DaliLoader(make, moving_layout(shards, rt.rank, rt.world, 1), o, rt, train=False)
 

@@ -15,7 +15,9 @@ READER = "Reader"  # the reader's name, for epoch sizes and iterator bookkeeping
 
 def read_shards(shards: list[dict], ext: list[str], shard_id: int, num_shards: int, **kwargs):
     """The webdataset reader over prepared shards, always with their index files (so DALI
-    never scans a tar) and failing loudly on a sample that lacks a component."""
+    never scans a tar) and failing loudly on a sample that lacks a component. By default it
+    maps the tars into memory (dont_use_mmap=False): every shard page it has read then counts
+    in the process's resident set while any reader lives (file pages the kernel can drop)."""
     return fn.readers.webdataset(
         paths=[s["tar"] for s in shards], index_paths=[s["idx"] for s in shards], ext=ext,
         shard_id=shard_id, num_shards=num_shards, missing_component_behavior="error",
@@ -102,7 +104,8 @@ def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype
 def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: int, mean, std, eigval, eigvec,
                    lighting: float = 0.1, crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW",
                    initial_fill: int = 4096, shuffle_seed: int = 0, hw_decoder_load: float = 1.0,
-                   cache_mb: int = 0, echo: int = 1, with_params: bool = False, with_sources: bool = False):
+                   cache_mb: int = 0, echo: int = 1, with_params: bool = False, with_sources: bool = False,
+                   mmap: bool = True):
     """AlexNet's training augmentation: a random crop x crop window at a uniformly random
     position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
     Returns `echo` such views of each decoded image (independent draws), then the labels.
@@ -119,7 +122,7 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
     """
     jpegs, cls = read_shards(shards, ["jpg", "cls"], shard_id, num_shards, random_shuffle=True,
                              initial_fill=initial_fill, shuffle_after_epoch=True,
-                             shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True)
+                             shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True, dont_use_mmap=not mmap)
     images = decode(jpegs, device, hw_decoder_load, cache_mb)
     views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout) for _ in range(echo)]
     labels = label_bytes(cls, device)
@@ -133,7 +136,7 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
 @pipeline_def(enable_checkpointing=True)
 def eval_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: int, mean, std,
                   crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW", ten_crop: bool = False,
-                  full_image: bool = False, square: int = 256, with_sources: bool = False):
+                  full_image: bool = False, square: int = 256, with_sources: bool = False, mmap: bool = True):
     """Evaluation views in stored order, each rank a fixed disjoint range, padded to the
     largest rank's and to whole batches (the iterator drops the padding, so every sample
     counts exactly once).
@@ -143,7 +146,7 @@ def eval_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: in
     also mirrored, stacked as (10, ...) per sample in TEN_CROPS order.
     """
     jpegs, cls = read_shards(shards, ["jpg", "cls"], shard_id, num_shards, random_shuffle=False,
-                             pad_last_batch=True, stick_to_shard=True)
+                             pad_last_batch=True, stick_to_shard=True, dont_use_mmap=not mmap)
     images = decode(jpegs, device)
     labels = label_bytes(cls, device)
     extra = [fn.get_property(jpegs, key="source_info")] if with_sources else []

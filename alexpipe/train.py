@@ -72,6 +72,7 @@ class TrainConfig:
     cache: str = "auto"  # decoded images in GPU memory: auto (if the rank's share fits) | gpu | off
     cache_gb: float | None = None
     echo: int = 1  # views of each decoded image per epoch; 1 is the paper's recipe
+    mmap: bool = True  # the loaders map the shards (their pages count in RSS) rather than read them
     run_dir: Path | None = None  # default OUT/runs/<arch>
     resume: Path | None = None
     deterministic: bool = False
@@ -291,7 +292,7 @@ def build(cfg: TrainConfig, rt: Runtime, data: Prepared, ckpt: Checkpoint | None
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     options = LoaderOptions(batch_size=cfg.batch_size // rt.world, threads=cfg.workers, pipelines=cfg.pipelines,
                             seed=cfg.seed, lighting=cfg.lighting, echo=cfg.echo,
-                            cache=cfg.cache if rt.cuda else "off", cache_gb=cfg.cache_gb)
+                            cache=cfg.cache if rt.cuda else "off", cache_gb=cfg.cache_gb, mmap=cfg.mmap)
     train_data = train_loader(data, options, runtime=rt, state=ckpt.loader[rt.rank] if ckpt else None,
                               log=print if rt.main else None)
     val_data = eval_loader(data, options, runtime=rt)
@@ -447,6 +448,9 @@ def parser() -> argparse.ArgumentParser:
                    "rank's share, or what is free less 16 GB)")
     p.add_argument("--echo", type=int, default=d.echo, help="views (crop, flip, lighting) of each decoded image per "
                    "epoch, in different batches (data echoing; 1 = the paper)")
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=d.mmap, help="map the shards into "
+                   "memory (the pages read count in the resident set, up to a rank's share of the shards; the kernel "
+                   "can drop them) or read them (--no-mmap: the resident set stays flat)")
     p.add_argument("--run-dir", type=Path, default=None, help="where the checkpoint and logs go (default: "
                    "OUT/runs/<arch>, or the --resume checkpoint's folder)")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from (default: a new run)")

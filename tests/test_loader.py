@@ -444,3 +444,42 @@ def test_a_state_without_the_newer_keys_still_resumes(synth_ready):
         pass
     state = {k: v for k, v in first.state_dict().items() if k not in ("echo", "fixed_share")}
     assert make(state=state).epoch == 1
+
+
+def resident_file_mb() -> float:
+    """This process's resident file-backed pages (Linux), in MB."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("RssFile:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or "RssFile" not in Path("/proc/self/status").read_text(),
+                    reason="needs Linux's /proc/self/status")
+def test_reading_the_shards_gives_the_same_batches_with_a_flat_resident_set(tmp_path):
+    """mmap=False: the same pixels and labels as the default mapped reader, while the shard
+    pages it reads stay out of the process's resident set (mapped, they all count in it)."""
+    from alexpipe import pca
+    from alexpipe.prepare import PrepareConfig, prepare
+    rng = np.random.default_rng(0)
+    for i in range(240):  # noise compresses badly: ~2.7 MB a shard of 48 at q90
+        (tmp_path / "src" / "train" / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
+            tmp_path / "src" / "train" / f"c{i % 4}" / f"{i}.JPEG", quality=95)
+    prepare(PrepareConfig(src=tmp_path / "src", out=tmp_path / "out", split="train", workers=2, shard_size=48))
+    assert pca.main([str(tmp_path / "out"), "--device", "cpu"]) == 0
+    shard_mb = sum(t.stat().st_size for t in (tmp_path / "out" / "train").glob("*.tar")) / 2**20
+    batches, growth = {}, {}
+    for mmap in (False, True):
+        loader = eval_loader(tmp_path / "out", LoaderOptions(batch_size=16, verify=False, mmap=mmap), runtime=cpu(),
+                             split="train")
+        it = iter(loader)
+        first = next(it)
+        start = resident_file_mb()
+        batches[mmap] = [(x.clone(), y.clone()) for x, y in [first, *it]]
+        growth[mmap] = resident_file_mb() - start
+        del loader, it, first
+    assert len(batches[False]) == len(batches[True]) == 15
+    for (xa, ya), (xb, yb) in zip(batches[False], batches[True]):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert shard_mb > 10
+    assert growth[True] > 0.5 * shard_mb, (growth, shard_mb)  # the measurement sees mapped shard pages
+    assert growth[False] < 0.1 * shard_mb, (growth, shard_mb)

@@ -14,6 +14,8 @@ process of its own (peak memory: the largest resident set of the stage's process
                  every sample exactly once
   train loader   one epoch of the train loader as 8 ranks x 2 pipelines: equal batch counts,
                  no sample twice, fewer than one global batch a rank left out
+                 (both loaders twice: with the shards mapped, the default, whose pages count
+                 in the resident set while any reader lives; and read, mmap=False)
 
 and prints a table: stage, files, wall time, files/s, peak memory. --fraction scales the
 tree for a quick pass (0.01: 12,812 train files). Runs on the CPU.
@@ -114,7 +116,7 @@ def run_stage(cmd: list[str], kill_when=None) -> tuple[float, float, int]:
     return time.perf_counter() - t0, peak / 2**20, proc.returncode
 
 
-def loader_check(out: Path, world: int = 8, pipelines: int = 2, batch: int = 256) -> str:
+def loader_check(out: Path, mmap: bool, world: int = 8, pipelines: int = 2, batch: int = 256) -> str:
     """The loaders at this scale, rank by rank in this process, on the CPU (see the docstring)."""
     from alexpipe.dataset import Prepared
     from alexpipe.loader import LoaderOptions, eval_loader, train_loader
@@ -123,14 +125,14 @@ def loader_check(out: Path, world: int = 8, pipelines: int = 2, batch: int = 256
     n_train, n_val = data.count("train"), data.count("val")
     val = Counter()
     for r in range(world):
-        loader = eval_loader(data, LoaderOptions(batch_size=batch, verify=False, sources=True),
+        loader = eval_loader(data, LoaderOptions(batch_size=batch, verify=False, sources=True, mmap=mmap),
                              runtime=rt.as_rank(r, world))
         for _, _, sources in loader:
             val.update(sources)
     assert sum(val.values()) == n_val and set(val.values()) == {1}, "eval: a sample missing or twice"
     seen, lengths = Counter(), set()
     for r in range(world):
-        options = LoaderOptions(batch_size=batch, pipelines=pipelines, verify=False, sources=True)
+        options = LoaderOptions(batch_size=batch, pipelines=pipelines, verify=False, sources=True, mmap=mmap)
         loader = train_loader(data, options, runtime=rt.as_rank(r, world))
         lengths.add(len(loader))
         for _, labels, sources in loader:
@@ -151,9 +153,10 @@ def main(argv=None) -> int:
     p.add_argument("--pca-fraction", type=float, default=0.05, help="of the train shards alexpipe-pca reads")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--loader-check", type=Path, default=None, help=argparse.SUPPRESS)  # the loader stage's process
+    p.add_argument("--no-mmap", action="store_true", help=argparse.SUPPRESS)  # with --loader-check
     args = p.parse_args(argv)
     if args.loader_check:
-        print(loader_check(args.loader_check), flush=True)
+        print(loader_check(args.loader_check, mmap=not args.no_mmap), flush=True)
         return 0
     work, rows = args.work, []
     work.mkdir(parents=True, exist_ok=True)
@@ -189,10 +192,11 @@ def main(argv=None) -> int:
     assert rc == 0, "pca failed"
     pca_images = json.loads((out_a / "pca.json").read_text())["images"]
     rows.append((f"pca --fraction {args.pca_fraction}", pca_images, seconds, peak))
-    seconds, peak, rc = run_stage([sys.executable, str(TOOLS / "rehearsal.py"), str(work), "--loader-check",
-                                   str(out_a)])
-    assert rc == 0, "loader check failed"
-    rows.append(("loaders: val x 8 ranks, train x 8 ranks x 2 pipelines", n_train + n_val, seconds, peak))
+    for flag, how in (([], "shards mapped"), (["--no-mmap"], "shards read")):
+        seconds, peak, rc = run_stage([sys.executable, str(TOOLS / "rehearsal.py"), str(work), "--loader-check",
+                                       str(out_a), *flag])
+        assert rc == 0, "loader check failed"
+        rows.append((f"loaders: val x 8 ranks, train x 8 x 2 pipelines, {how}", n_train + n_val, seconds, peak))
     print(f"\n{n_train} train + {n_val} val files ({args.fraction} of ImageNet's), {args.workers} workers, "
           f"{os.cpu_count()} cores; resumed shards byte-identical to the straight run's: {'yes' if same else 'NO'}")
     print(f"{'stage':<58} {'files':>10} {'wall':>9} {'files/s':>8} {'peak memory':>12}")
