@@ -25,29 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, train_loader
-from alexpipe.model import alexnet
 from alexpipe.runtime import Runtime
 from bench_loader import endless
-
-
-def stepper(arch: str, b: int, graphs: bool):
-    torch.manual_seed(0)
-    model = alexnet(arch).cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
-    compiled = torch.compile(model, mode="reduce-overhead" if graphs else "default")
-
-    def step(x, y):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = F.cross_entropy(compiled(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+from profile_model import training_step
 
 
 def rate(step, batches, steps: int, warmup: int = 10) -> float:
@@ -93,7 +75,8 @@ def main(argv=None) -> int:
     stream = endless(loader)
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
-    steps = {graphs: stepper(args.arch, b, graphs) for graphs in (False, True)}
+    steps = {graphs: training_step(args.arch, mode="reduce-overhead" if graphs else "default")
+             for graphs in (False, True)}
     ceilings = {g: statistics.median(rate(s, itertools.repeat((x, y)), args.steps, warmup=30) for _ in range(3))
                 for g, s in steps.items()}
     timings = {case: [] for case in ("default", "pinned", "graphs", "both")}

@@ -87,16 +87,14 @@ def layer_table(arch: str, b: int) -> None:
           f"{b / total[1] * 1e3:.0f} images/s compiled layer by layer")
 
 
-def step_rate(arch: str, b: int, fused: bool, mode: str = "default", benchmark: bool = False) -> float:
-    torch.backends.cudnn.benchmark = benchmark
+def training_step(arch: str, fused: bool = True, mode: str = "default"):
+    """step(x, y): one compiled training step of `arch` (bf16 autocast, channels_last, SGD)."""
     torch.manual_seed(0)
     model = alexnet(arch).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=fused)
     compiled = torch.compile(model, mode=mode)
-    x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (b,), device="cuda")
 
-    def step():
+    def step(x, y):
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", torch.bfloat16):
@@ -104,16 +102,24 @@ def step_rate(arch: str, b: int, fused: bool, mode: str = "default", benchmark: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return step
+
+
+def step_rate(arch: str, b: int, fused: bool, mode: str = "default", benchmark: bool = False) -> float:
+    torch.backends.cudnn.benchmark = benchmark
+    step = training_step(arch, fused, mode)
+    x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (b,), device="cuda")
 
     def timed(steps=100):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in itertools.repeat(None, steps):
-            step()
+            step(x, y)
         torch.cuda.synchronize()
         return steps * b / (time.perf_counter() - t0)
     for _ in range(30):
-        step()
+        step(x, y)
     return statistics.median(timed() for _ in range(3))
 
 
