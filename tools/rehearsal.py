@@ -148,7 +148,8 @@ def loader_check(out: Path, mmap: bool, world: int = 8, pipelines: int = 2, batc
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("work", type=Path, help="a folder with room: ~2 GB of tree and two prepared OUTs (~15 GB each)")
+    p.add_argument("work", type=Path,
+                   help="a folder with room: ~5 GB of tree on disk and two prepared OUTs (~24 GB each)")
     p.add_argument("--fraction", type=float, default=1.0, help="of ImageNet's file counts")
     p.add_argument("--pca-fraction", type=float, default=0.05, help="of the train shards alexpipe-pca reads")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
