@@ -27,6 +27,11 @@ from torch import nn
 
 from .util import UserError, atomic_file, imagenet_classes
 
+try:  # the LRN's fused GPU kernels; CUDA builds of torch bring Triton, CPU builds need not
+    from . import _lrn_triton
+except ImportError:
+    _lrn_triton = None
+
 ARCHS = ("paper", "torchvision")
 # What torchvision's ImageNet weights were trained with (0..1 values x 255).
 TORCHVISION_NORMALIZE = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
@@ -34,9 +39,18 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
                         groups: int = 1) -> torch.Tensor:
     """The paper's response normalization, b_i = a_i / (k + alpha * sum_j a_j^2)^beta, the sum
     over the `size` maps centred on i (clipped at the ends, as torch's local_response_norm) within
-    each of `groups` channel groups, in float32 (bf16 squares lose the sum). The window sums are
-    one matmul of the squares with a 0/1 band matrix, faster than torch's pooling formula forward
-    and backward, most of all with two groups (docs/benchmarks.md)."""
+    each of `groups` channel groups. On a CUDA device, where Triton is, one fused kernel forward
+    and one backward (_lrn_triton); elsewhere lrn_gemm (docs/benchmarks.md)."""
+    if _lrn_triton is not None and x.is_cuda and x.dim() == 4 and x.numel() < 2**31:
+        return _lrn_triton.lrn(x, size, alpha, beta, k, groups)
+    return lrn_gemm(x, size, alpha, beta, k, groups)
+
+
+def lrn_gemm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
+             groups: int = 1) -> torch.Tensor:
+    """local_response_norm in float32 (bf16 squares lose the sum), the window sums as one matmul
+    of the squares with a 0/1 band matrix: faster than torch's pooling formula forward and
+    backward, most of all with two groups."""
     c = x.shape[1]
     i = torch.arange(c, device=x.device)
     offset = i[:, None] - i[None, :]  # [j, i]: map j is in i's window

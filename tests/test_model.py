@@ -1,12 +1,19 @@
-"""The models against the paper: LRN's formula and its gradient (and, where CUDA is, the
-compiled GPU pass against it), parameter counts, init and map sizes."""
+"""The models against the paper: LRN's formula and its gradient, the fused GPU kernels against
+it (in Triton's interpreter on the CPU, and compiled where CUDA is), parameter counts, init
+and map sizes."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from alexpipe import model as model_module
 from alexpipe.model import LRN, alexnet, local_response_norm
 
 # torchvision.models.alexnet().state_dict(), written down from torchvision/models/alexnet.py
@@ -102,6 +109,49 @@ def test_lrn_channels_last_and_low_precision(groups):
 def test_compiled_lrn_on_cuda_equals_the_formula():
     for groups in (1, 2):
         compiled_lrn_against_float64(groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused kernels on the GPU")
+def test_fused_lrn_kernels_on_cuda_equal_the_formula():
+    assert model_module._lrn_triton is not None, "Triton did not import beside CUDA torch"
+    for groups in (1, 2):
+        for size in (3, 4, 5):
+            fused_lrn_against_float64("cuda", groups, size, (4, 96, 27, 27))
+        fused_lrn_against_float64("cuda", groups, 5, (8, 256, 27, 27), memory=torch.contiguous_format)
+
+
+def test_fused_lrn_kernels_equal_the_formula_in_tritons_interpreter():
+    """The GPU kernels' logic on the CPU: Triton's interpreter runs them as numpy (a process of
+    its own, as the interpreter is chosen when the kernels are defined)."""
+    pytest.importorskip("triton")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_model as t\n"
+            "for g in (1, 2):\n"
+            "    for n in (3, 4, 5):\n"
+            "        t.fused_lrn_against_float64('cpu', g, n, (2, 16, 5, 5))\n"
+            "t.fused_lrn_against_float64('cpu', 2, 5, (1, 12, 3, 4), memory=torch.contiguous_format)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", "import torch\n" + code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def fused_lrn_against_float64(device: str, groups: int, size: int, shape, memory=torch.channels_last) -> None:
+    """alexpipe's Triton LRN, forward and backward from float32 and bf16, against the float64
+    formula (values and gradients); its output in channels_last memory whatever the input's."""
+    from alexpipe import _lrn_triton
+    x = torch.randn(shape, dtype=torch.float64) * 40
+    g = torch.randn_like(x)
+    ref_in = x.clone().requires_grad_()
+    ref = local_response_norm(ref_in, size, groups=groups)
+    ref.backward(g)
+    assert (ref - x).abs().max() > 1.0  # the normalization matters at this scale
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        dev_in = x.to(device, dtype).contiguous(memory_format=memory).requires_grad_()
+        out = _lrn_triton.lrn(dev_in, size, 1e-4, 0.75, 2.0, groups)
+        out.backward(g.to(device, dtype))
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        scale = ref.abs().max(), ref_in.grad.abs().max()
+        torch.testing.assert_close(out.double().cpu() / scale[0], ref.detach() / scale[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(dev_in.grad.double().cpu() / scale[1], ref_in.grad / scale[1], rtol=tol, atol=tol)
 
 
 def compiled_lrn_against_float64(groups: int) -> None:

@@ -1,9 +1,10 @@
-"""The paper's LRN on the GPU: alexpipe's band-matrix GEMM against torch's pooling formula.
+"""The paper's LRN on the GPU: torch's pooling formula (alexpipe 0.2.0), the band-matrix GEMM
+(0.2.1) and the fused Triton kernels (alexpipe.model's CUDA path now).
 
-Both compiled, forward + backward, bf16 in and out (as under autocast), channels_last, at
+Each compiled, forward + backward, bf16 in and out (as under autocast), channels_last, at
 the paper model's two LRN shapes (batch --batch-size); their largest deviation from float64
 on the CPU; then the whole paper model's training step on synthetic data (its ceiling, (b) in
-bench_train) with each. Needs a CUDA GPU; no DALI.
+bench_train) with each; ratios against the pooling formula. Needs a CUDA GPU; no DALI.
 
   python tools/bench_lrn.py [--batch-size 256]
 """
@@ -54,19 +55,19 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         sys.exit("bench_lrn: needs a CUDA GPU")
     b = args.batch_size
-    gemm = alexmodel.local_response_norm
+    ways = {"pooling": pooling_lrn, "GEMM": alexmodel.lrn_gemm, "fused": alexmodel.local_response_norm}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; LRN forward + backward, compiled, bf16, "
           f"channels_last, batch {b}")
     for groups in (1, 2):
         for shape in ((b, 96, 55, 55), (b, 256, 27, 27)):
-            old, new = layer_ms(pooling_lrn, shape, groups), layer_ms(gemm, shape, groups)
-            print(f"  groups {groups} {str(shape[1:]):<16} pooling {old:6.3f} ms   GEMM {new:6.3f} ms   {old / new:5.2f}x")
-        print(f"  groups {groups} largest relative deviation from float64: pooling "
-              f"{deviation(pooling_lrn, groups):.1e}, GEMM {deviation(gemm, groups):.1e}")
-    old = step_rate_with(pooling_lrn, b)
-    new = step_rate("paper", b, True)
-    print(f"paper AlexNet training step on synthetic data (fused SGD, compiled): pooling LRN {old:.0f}, "
-          f"GEMM LRN {new:.0f} images/s = {new / old:.2f}x")
+            ms = {name: layer_ms(fn, shape, groups) for name, fn in ways.items()}
+            print(f"  groups {groups} {str(shape[1:]):<16} " + "   ".join(
+                f"{name} {t:6.3f} ms ({ms['pooling'] / t:4.2f}x)" for name, t in ms.items()))
+        print(f"  groups {groups} largest relative deviation from float64: " + ", ".join(
+            f"{name} {deviation(fn, groups):.1e}" for name, fn in ways.items()))
+    rates = {name: step_rate_with(fn, b) for name, fn in ways.items()}
+    print("paper AlexNet training step on synthetic data (fused SGD, compiled): " + ", ".join(
+        f"{name} LRN {r:.0f} images/s ({r / rates['pooling']:.2f}x)" for name, r in rates.items()))
     return 0
 
 
