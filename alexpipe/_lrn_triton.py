@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024  # elements a program; 4 warps
+WARPS = 4
+BLOCK = 32 * WARPS  # one element a thread: a warp's shifted loads are then one contiguous run
 
 
 @triton.jit
@@ -67,10 +68,11 @@ def _backward(x_ptr, dy_ptr, dx_ptr, n, alpha, beta, k, C: tl.constexpr, GROUP: 
     tl.store(dx_ptr + e, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(kernel, tensors, size: int, alpha: float, beta: float, k: float, groups: int) -> None:
+def _launch(kernel, tensors, size: int, alpha: float, beta: float, k: float, groups: int, block: int = BLOCK,
+            warps: int = WARPS):
     n, c = tensors[0].numel(), tensors[0].shape[1]
-    kernel[(triton.cdiv(n, BLOCK),)](*tensors, n, alpha, beta, k, C=c, GROUP=c // groups, LO=-(size // 2),
-                                     HI=(size - 1) // 2, BLOCK=BLOCK)
+    return kernel[(triton.cdiv(n, block),)](*tensors, n, alpha, beta, k, C=c, GROUP=c // groups, LO=-(size // 2),
+                                            HI=(size - 1) // 2, BLOCK=block, num_warps=warps)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
