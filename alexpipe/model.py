@@ -27,10 +27,10 @@ from torch import nn
 
 from .util import UserError, atomic_file, imagenet_classes
 
-try:  # the LRN's fused GPU kernels; CUDA builds of torch bring Triton, CPU builds need not
-    from . import _lrn_triton
+try:  # the paper model's GPU kernels; CUDA builds of torch bring Triton, CPU builds need not
+    from . import _kernels
 except ImportError:
-    _lrn_triton = None
+    _kernels = None
 
 ARCHS = ("paper", "torchvision")
 # What torchvision's ImageNet weights were trained with (0..1 values x 255).
@@ -40,10 +40,15 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
     """The paper's response normalization, b_i = a_i / (k + alpha * sum_j a_j^2)^beta, the sum
     over the `size` maps centred on i (clipped at the ends, as torch's local_response_norm) within
     each of `groups` channel groups. On a CUDA device, where Triton is, one fused kernel forward
-    and one backward (_lrn_triton); elsewhere lrn_gemm (docs/benchmarks.md)."""
-    if _lrn_triton is not None and x.is_cuda and x.dim() == 4 and x.numel() < 2**31:
-        return _lrn_triton.lrn(x, size, alpha, beta, k, groups)
+    and one backward (_kernels); elsewhere lrn_gemm (docs/benchmarks.md)."""
+    if on_kernels(x):
+        return _kernels.lrn(x, size, alpha, beta, k, groups)
     return lrn_gemm(x, size, alpha, beta, k, groups)
+
+
+def on_kernels(x: torch.Tensor) -> bool:
+    """Whether x goes through alexpipe's Triton kernels (int32 indexing: under 2**31 elements)."""
+    return _kernels is not None and x.is_cuda and x.dim() == 4 and x.numel() < 2**31
 
 
 def lrn_gemm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
@@ -76,6 +81,17 @@ class LRN(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, groups={self.groups}"
 
 
+class MaxPool(nn.MaxPool2d):
+    """nn.MaxPool2d(k, s), on a CUDA device by alexpipe's Triton kernels: the same values and
+    gradients in one pass each way (docs/benchmarks.md)."""
+
+    def forward(self, x):
+        plain = self.padding == 0 and self.dilation == 1 and not (self.ceil_mode or self.return_indices)
+        if plain and isinstance(self.kernel_size, int) and isinstance(self.stride, int) and on_kernels(x):
+            return _kernels.max_pool(x, self.kernel_size, self.stride)[0]
+        return super().forward(x)
+
+
 class AlexNet(nn.Module):
     """features -> avgpool -> flatten -> classifier, torchvision's module tree."""
 
@@ -96,13 +112,13 @@ def classifier(num_classes: int, dropout: float) -> nn.Sequential:
 def paper_alexnet(num_classes: int = 1000, groups: int = 1, dropout: float = 0.5) -> AlexNet:
     features = nn.Sequential(
         nn.Conv2d(3, 96, 11, stride=4, padding=2), nn.ReLU(inplace=True), LRN(groups=groups),
-        nn.MaxPool2d(3, 2),
+        MaxPool(3, 2),
         nn.Conv2d(96, 256, 5, padding=2, groups=groups), nn.ReLU(inplace=True), LRN(groups=groups),
-        nn.MaxPool2d(3, 2),
+        MaxPool(3, 2),
         nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
         nn.Conv2d(384, 384, 3, padding=1, groups=groups), nn.ReLU(inplace=True),
         nn.Conv2d(384, 256, 3, padding=1, groups=groups), nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2))
+        MaxPool(3, 2))
     model = AlexNet(features, nn.Identity(), classifier(num_classes, dropout))
     convs = [m for m in features if isinstance(m, nn.Conv2d)]
     fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
