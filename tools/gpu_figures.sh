@@ -5,7 +5,7 @@
 # JPEG_DIR: real ImageNet JPEGs named <wnid>_*.JPEG (the optional real-image sample).
 # Stages:
 #   model    prepare the benchmark shards (JPEG_DIR x 60); the LRN test on CUDA;
-#            tools/profile_model.py, tools/bench_lrn.py (no DALI needed)
+#            tools/profile_model.py, tools/bench_kernels.py (no DALI needed)
 #   loader   pca.json for the shards; tools/bench_pca.py; the GPU tests; tools/bench_loader.py
 #   train    tools/bench_train.py with the decoder cache, echo 2 and the PyTorch baseline; the
 #            decoder cache again on a 4x larger set (JPEG_DIR x 240, --cache-only)
@@ -36,7 +36,7 @@ prepare(PrepareConfig(src=work / "bench_src", out=work / "bench", split="train",
 PY
     python3 -m pytest -q tests/test_model.py 2>&1 | tee "$log/test_model.log"
     python3 tools/profile_model.py 2>&1 | tee "$log/profile_model.log"
-    python3 tools/bench_lrn.py 2>&1 | tee "$log/bench_lrn.log"
+    python3 tools/bench_kernels.py 2>&1 | tee "$log/bench_kernels.log"
     ;;
 loader)
     python3 -m alexpipe.pca "$work/bench" 2>&1 | tail -8 | tee "$log/pca.log"
