@@ -79,6 +79,8 @@ def _backward(x_ptr, dy_ptr, dx_ptr, n, alpha, beta, k, C: tl.constexpr, GROUP: 
 def _launch(kernel, tensors, size: int, alpha: float, beta: float, k: float, groups: int, block: int = BLOCK,
             warps: int = WARPS):
     n, c = tensors[0].numel(), tensors[0].shape[1]
+    if n == 0:
+        return None
     return kernel[(triton.cdiv(n, block),)](*tensors, n, alpha, beta, k, C=c, GROUP=c // groups, LO=-(size // 2),
                                             HI=(size - 1) // 2, BLOCK=block, num_warps=warps)
 
@@ -175,6 +177,8 @@ def _pooled(shape, k: int, s: int) -> tuple:
 
 def _pool_launch(kernel, tensors, big, small, k: int, s: int) -> None:
     n = big.numel() if kernel is _pool_backward else small.numel()
+    if n == 0:
+        return
     kernel[(triton.cdiv(n, BLOCK),)](*tensors, n, big.shape[2], big.shape[3], small.shape[2], small.shape[3],
                                      C=big.shape[1], K=k, S=s, BLOCK=BLOCK, num_warps=WARPS)
 
