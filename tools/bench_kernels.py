@@ -40,6 +40,7 @@ POOLS = {"torch": lambda t: nn.functional.max_pool2d(t, 3, 2), "fused": alexmode
 
 
 def layer_ms(fn, shape) -> float:
+    torch._dynamo.reset()  # each its own compile: the lambdas share one code object and its recompile limit
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).mul_(40)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     compiled = torch.compile(fn)
@@ -51,6 +52,7 @@ def layer_ms(fn, shape) -> float:
 
 
 def deviation(fn, groups: int) -> float:
+    torch._dynamo.reset()
     x = torch.randn(8, 96, 27, 27, dtype=torch.float64) * 40
     want = alexmodel.lrn_gemm(x, groups=groups)  # float64: exact
     got = torch.compile(lambda t: fn(t, groups=groups))(x.float().cuda().contiguous(memory_format=torch.channels_last))
