@@ -27,7 +27,7 @@ from torch import nn
 
 from .util import UserError, atomic_file, imagenet_classes
 
-try:  # the paper model's GPU kernels; CUDA builds of torch bring Triton, CPU builds need not
+try:  # the LRN's GPU kernels; CUDA builds of torch bring Triton, CPU builds need not
     from . import _kernels
 except ImportError:
     _kernels = None
@@ -81,18 +81,6 @@ class LRN(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, groups={self.groups}"
 
 
-class MaxPool(nn.MaxPool2d):
-    """nn.MaxPool2d(k, s), on a CUDA device by alexpipe's Triton kernels: the same values and
-    gradients in one pass each way (docs/benchmarks.md)."""
-
-    def forward(self, x):
-        plain = self.padding == 0 and self.dilation == 1 and not (self.ceil_mode or self.return_indices)
-        small = isinstance(self.kernel_size, int) and self.kernel_size <= 11 and isinstance(self.stride, int)
-        if plain and small and on_kernels(x):  # small: the argmax in its window fits in int8
-            return _kernels.max_pool(x, self.kernel_size, self.stride)[0]
-        return super().forward(x)
-
-
 class AlexNet(nn.Module):
     """features -> avgpool -> flatten -> classifier, torchvision's module tree."""
 
@@ -113,13 +101,13 @@ def classifier(num_classes: int, dropout: float) -> nn.Sequential:
 def paper_alexnet(num_classes: int = 1000, groups: int = 1, dropout: float = 0.5) -> AlexNet:
     features = nn.Sequential(
         nn.Conv2d(3, 96, 11, stride=4, padding=2), nn.ReLU(inplace=True), LRN(groups=groups),
-        MaxPool(3, 2),
+        nn.MaxPool2d(3, 2),
         nn.Conv2d(96, 256, 5, padding=2, groups=groups), nn.ReLU(inplace=True), LRN(groups=groups),
-        MaxPool(3, 2),
+        nn.MaxPool2d(3, 2),
         nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
         nn.Conv2d(384, 384, 3, padding=1, groups=groups), nn.ReLU(inplace=True),
         nn.Conv2d(384, 256, 3, padding=1, groups=groups), nn.ReLU(inplace=True),
-        MaxPool(3, 2))
+        nn.MaxPool2d(3, 2))
     model = AlexNet(features, nn.Identity(), classifier(num_classes, dropout))
     convs = [m for m in features if isinstance(m, nn.Conv2d)]
     fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]

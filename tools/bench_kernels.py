@@ -1,13 +1,11 @@
-"""The paper model's LRN and max-pooling on the GPU: alexpipe's Triton kernels against what
-came before them.
+"""The paper model's LRN on the GPU: torch's pooling formula (alexpipe 0.2.0), the band-matrix
+GEMM (0.2.1, model.lrn_gemm) and the fused Triton kernels (model.local_response_norm on CUDA
+now, alexpipe._kernels).
 
-LRN: torch's pooling formula (alexpipe 0.2.0), the band-matrix GEMM (0.2.1, lrn_gemm) and the
-fused kernels (model.local_response_norm on CUDA now); max-pool 3/2: torch's and alexpipe's
-kernels (model.MaxPool). Each compiled, forward + backward, bf16 in and out (as under
-autocast), channels_last, at the paper model's shapes (batch --batch-size), with the LRNs'
-largest deviation from float64 on the CPU; then the whole paper model's training step on
-synthetic data (its ceiling, (b) in bench_train) with each combination, and torchvision's
-with either pool. Ratios against the first of each. Needs a CUDA GPU; no DALI.
+Each compiled, forward + backward, bf16 in and out (as under autocast), channels_last, at the
+paper model's two LRN shapes (batch --batch-size), with its largest deviation from float64 on
+the CPU; then the whole paper model's training step on synthetic data (its ceiling, (b) in
+bench_train) with each. Ratios against the pooling formula. Needs a CUDA GPU; no DALI.
 
   python tools/bench_kernels.py [--batch-size 256]
 """
@@ -17,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from contextlib import ExitStack
 from unittest import mock
 
 import torch
@@ -36,7 +33,6 @@ def pooling_lrn(x, size=5, alpha=1e-4, beta=0.75, k=2.0, groups=1):
 
 
 LRNS = {"pooling": pooling_lrn, "GEMM": alexmodel.lrn_gemm, "fused": alexmodel.local_response_norm}
-POOLS = {"torch": lambda t: nn.functional.max_pool2d(t, 3, 2), "fused": alexmodel.MaxPool(3, 2)}
 
 
 def layer_ms(fn, shape) -> float:
@@ -64,14 +60,9 @@ def row(label: str, times: dict) -> str:
     return f"  {label:<28} " + "   ".join(f"{name} {t:6.3f} ms ({first / t:4.2f}x)" for name, t in times.items())
 
 
-def step_with(lrn: str, pool: str, arch: str, b: int) -> float:
-    with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(alexmodel, "local_response_norm", LRNS[lrn]))
-        if pool == "torch":
-            stack.enter_context(mock.patch.object(alexmodel.MaxPool, "forward", nn.MaxPool2d.forward))
-        if arch == "torchvision" and pool == "fused":
-            stack.enter_context(mock.patch.object(alexmodel.nn, "MaxPool2d", alexmodel.MaxPool))
-        return step_rate(arch, b, True)
+def step_with(lrn: str, b: int) -> float:
+    with mock.patch.object(alexmodel, "local_response_norm", LRNS[lrn]):
+        return step_rate("paper", b, True)
 
 
 def main(argv=None) -> int:
@@ -89,17 +80,9 @@ def main(argv=None) -> int:
                 name: layer_ms(lambda t, fn=fn: fn(t, groups=groups), shape) for name, fn in LRNS.items()}))
         print(f"  LRN groups {groups} largest relative deviation from float64: " + ", ".join(
             f"{name} {deviation(fn, groups):.1e}" for name, fn in LRNS.items()))
-    for shape in ((b, 96, 55, 55), (b, 256, 27, 27), (b, 256, 13, 13)):
-        print(row(f"max-pool 3/2 {shape[1:]}", {name: layer_ms(fn, shape) for name, fn in POOLS.items()}))
-    print("training step on synthetic data (fused SGD, compiled), images/s:")
-    rates = {}
-    for lrn, pool in (("pooling", "torch"), ("GEMM", "torch"), ("fused", "torch"), ("fused", "fused")):
-        rates[lrn, pool] = step_with(lrn, pool, "paper", b)
-        print(f"  paper, {lrn} LRN, {pool} max-pool: {rates[lrn, pool]:.0f} "
-              f"({rates[lrn, pool] / rates['pooling', 'torch']:.2f}x)")
-    tv = {pool: step_with("fused", pool, "torchvision", b) for pool in ("torch", "fused")}
-    print(f"  torchvision, torch max-pool: {tv['torch']:.0f}; fused max-pool: {tv['fused']:.0f} "
-          f"({tv['fused'] / tv['torch']:.2f}x)")
+    rates = {lrn: step_with(lrn, b) for lrn in LRNS}
+    print("paper AlexNet training step on synthetic data (fused SGD, compiled): " + ", ".join(
+        f"{lrn} LRN {r:.0f} images/s ({r / rates['pooling']:.2f}x)" for lrn, r in rates.items()))
     return 0
 
 
