@@ -19,12 +19,12 @@ import triton
 import triton.language as tl
 
 WARPS = 2
-BLOCK = 256  # elements a program: the fastest of 64-2048 x 1-16 warps on an H200, both directions
+BLOCK = 256  # elements a program: the fastest of 64-2048 x 2-16 warps on an H200, both directions
 
 
 @triton.jit
 def _group_bounds(e, C: tl.constexpr, GROUP: tl.constexpr):
-    """(element index, the offsets dlo <= 0 < dhi that stay in its channel's group)."""
+    """The offsets dlo <= 0 < dhi from element e that stay in its channel's group."""
     c = e % C
     start = (c // GROUP) * GROUP
     return start - c, start + GROUP - c
@@ -75,24 +75,30 @@ def _backward(x_ptr, dy_ptr, dx_ptr, n, alpha, beta, k, C: tl.constexpr, GROUP: 
     tl.store(dx_ptr + e, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(kernel, tensors, size: int, alpha: float, beta: float, k: float, groups: int, block: int = BLOCK,
-            warps: int = WARPS):
+def _launch(kernel, tensors, size: int, alpha: float, beta: float, k: float, groups: int) -> None:
     n, c = tensors[0].numel(), tensors[0].shape[1]
-    if n == 0:
-        return None
-    return kernel[(triton.cdiv(n, block),)](*tensors, n, alpha, beta, k, C=c, GROUP=c // groups, LO=-(size // 2),
-                                            HI=(size - 1) // 2, BLOCK=block, num_warps=warps)
+    if n >= 2**31 or c % groups:
+        raise ValueError(f"alexpipe::lrn takes under 2**31 elements and channels in equal groups, not {n} and "
+                         f"{c} in {groups}")
+    if n:
+        kernel[(triton.cdiv(n, BLOCK),)](*tensors, n, alpha, beta, k, C=c, GROUP=c // groups, LO=-(size // 2),
+                                         HI=(size - 1) // 2, BLOCK=BLOCK, num_warps=WARPS)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def _like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.channels_last)  # the same strides as the fake ops'
+
+
 @torch.library.custom_op("alexpipe::lrn", mutates_args=())
 def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> torch.Tensor:
-    """The LRN of a 4-D tensor (fewer than 2**31 elements), returned in channels_last memory."""
+    """The LRN of a 4-D tensor (fewer than 2**31 elements), returned in channels_last memory.
+    First derivatives only: lrn_backward has no gradient of its own."""
     x = _channels_last(x)
-    y = torch.empty_like(x)
+    y = _like(x)
     _launch(_forward, (x, y), size, alpha, beta, k, groups)
     return y
 
@@ -101,19 +107,19 @@ def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups:
 def lrn_backward(x: torch.Tensor, dy: torch.Tensor, size: int, alpha: float, beta: float, k: float,
                  groups: int) -> torch.Tensor:
     x, dy = _channels_last(x), _channels_last(dy)
-    dx = torch.empty_like(x)
+    dx = _like(x)
     _launch(_backward, (x, dy, dx), size, alpha, beta, k, groups)
     return dx
 
 
 @lrn.register_fake
 def _(x, size, alpha, beta, k, groups):
-    return torch.empty_like(x, memory_format=torch.channels_last)
+    return _like(x)
 
 
 @lrn_backward.register_fake
 def _(x, dy, size, alpha, beta, k, groups):
-    return torch.empty_like(x, memory_format=torch.channels_last)
+    return _like(x)
 
 
 def _setup(ctx, inputs, output):

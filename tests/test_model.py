@@ -5,6 +5,7 @@ and map sizes."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -118,18 +119,21 @@ def test_fused_lrn_kernels_on_cuda_equal_the_formula():
         for size in (3, 4, 5):
             fused_lrn_against_float64("cuda", groups, size, (4, 96, 27, 27))
         fused_lrn_against_float64("cuda", groups, 5, (8, 256, 27, 27), memory=torch.contiguous_format)
+    fused_lrn_op_checks("cuda")
 
 
 def test_fused_lrn_kernels_equal_the_formula_in_tritons_interpreter():
     """The GPU kernels' logic on the CPU: Triton's interpreter runs them as numpy (a process of
-    its own, as the interpreter is chosen when the kernels are defined)."""
-    pytest.importorskip("triton")
+    its own, as the interpreter is chosen when the kernels are defined). The test extra installs
+    Triton on Linux x86-64, so there it must run."""
+    if not (sys.platform == "linux" and platform.machine() == "x86_64"):
+        pytest.importorskip("triton")
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_model as t\n"
             "for g in (1, 2):\n"
             "    for n in (3, 4, 5):\n"
             "        t.fused_lrn_against_float64('cpu', g, n, (2, 16, 5, 5))\n"
             "t.fused_lrn_against_float64('cpu', 2, 5, (1, 12, 3, 4), memory=torch.contiguous_format)\n"
-)
+            "t.fused_lrn_op_checks('cpu')\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", "import torch\n" + code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -155,9 +159,25 @@ def fused_lrn_against_float64(device: str, groups: int, size: int, shape, memory
         torch.testing.assert_close(dev_in.grad.double().cpu() / scale[1], ref_in.grad / scale[1], rtol=tol, atol=tol)
 
 
+def fused_lrn_op_checks(device: str) -> None:
+    """The custom op as torch.library checks it (schema, fake tensors, autograd, strides), an
+    empty batch, and channels that do not split into the groups refused."""
+    from alexpipe import _kernels
+    args = (5, 1e-4, 0.75, 2.0, 2)
+    for shape, memory in (((2, 8, 3, 3), torch.channels_last), ((2, 8, 3, 3), torch.contiguous_format),
+                          ((2, 8, 1, 1), torch.contiguous_format)):
+        x = (torch.randn(shape, device=device) * 40).contiguous(memory_format=memory).requires_grad_()
+        torch.library.opcheck(_kernels.lrn, (x, *args))
+    empty = torch.zeros(0, 8, 3, 3, device=device, requires_grad=True)
+    _kernels.lrn(empty, *args).sum().backward()
+    assert empty.grad.shape == empty.shape
+    with pytest.raises(ValueError, match="equal groups"):
+        _kernels.lrn(torch.ones(1, 5, 2, 2, device=device), *args)
+
+
 def compiled_lrn_against_float64(groups: int) -> None:
-    """torch.compile's kernels on the GPU, forward and backward, against float64 on the CPU,
-    at the paper's conv1 map size in channels_last memory."""
+    """The compiled LRN on the GPU (the Triton kernels inside a compiled graph), forward and
+    backward, against float64 on the CPU, at the paper's conv1 map size in channels_last memory."""
     x = torch.randn(8, 96, 55, 55, dtype=torch.float64) * 40
     g = torch.randn_like(x)
     ref_in = x.clone().requires_grad_()

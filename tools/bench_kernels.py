@@ -5,7 +5,8 @@ now, alexpipe._kernels).
 Each compiled, forward + backward, bf16 in and out (as under autocast), channels_last, at the
 paper model's two LRN shapes (batch --batch-size), with its largest deviation from float64 on
 the CPU; then the whole paper model's training step on synthetic data (its ceiling, (b) in
-bench_train) with each. Ratios against the pooling formula. Needs a CUDA GPU; no DALI.
+bench_train) with each. Ratios against the pooling formula (docs/benchmarks.md also gives
+them against the GEMM). Needs a CUDA GPU; no DALI.
 
   python tools/bench_kernels.py [--batch-size 256]
 """
