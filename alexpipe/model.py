@@ -41,16 +41,11 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
     over the `size` maps centred on i (clipped at the ends, as torch's local_response_norm) within
     each of `groups` channel groups. On a CUDA device, where Triton is, one fused kernel forward
     and one backward (_kernels); elsewhere lrn_gemm (docs/benchmarks.md)."""
-    if on_kernels(x) and x.shape[1] % groups == 0:
+    # the kernels index in int32 and sum in float32 (float64 stays exact in lrn_gemm)
+    fits = x.dim() == 4 and x.numel() < 2**31 and x.shape[1] % groups == 0
+    if _kernels is not None and x.is_cuda and fits and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return _kernels.lrn(x, size, alpha, beta, k, groups)
     return lrn_gemm(x, size, alpha, beta, k, groups)
-
-
-def on_kernels(x: torch.Tensor) -> bool:
-    """Whether x can go through alexpipe's Triton kernels: on CUDA, 4-D, under 2**31 elements
-    (int32 indexing), at most float32 (they sum in float32; float64 stays exact in lrn_gemm)."""
-    return (_kernels is not None and x.is_cuda and x.dim() == 4 and x.numel() < 2**31
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def lrn_gemm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
