@@ -3,13 +3,14 @@ as torch custom ops that torch.compile calls as they are.
 
 The model's LRNs see channels_last maps, where each pixel's C channels lie side by side, so
 element e of the flat tensor is channel e % C and its window neighbours are e - 2 .. e + 2:
-one load each, all but the first from cache. Forward reads x once and writes y; backward
-reads x and dy once and writes dx, recomputing the window sums instead of keeping them.
+one load each, all but the first from cache. With S_i = k + alpha * sum_{m in window(i)} x_m^2:
+forward reads x once and writes y_i = x_i S_i^-beta and, in float32, q_i = S_i^(-beta-1), which
+the backward keeps; backward reads x, dy and q once and writes
+  dx_i = dy_i q_i S_i - 2 alpha beta x_i sum_{j: i in window(j)} dy_j x_j q_j,
+with S_i summed again from the x it loads anyway: no powers and no neighbours' windows there,
+which made the backward bound by arithmetic when it recomputed them (docs/benchmarks.md).
 Sums and powers in float32. alexpipe.model uses this where x is on a CUDA device and Triton
 imports; elsewhere the GEMM formula (model.lrn_gemm), which this is tested against.
-
-Backward, with S_j = k + alpha * sum_{m in window(j)} x_m^2 and y_j = x_j S_j^-beta:
-  dx_i = dy_i S_i^-beta - 2 alpha beta x_i sum_{j: i in window(j)} dy_j x_j S_j^(-beta-1).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 WARPS = 2
-BLOCK = 256  # elements a program: the fastest of 64-2048 x 2-16 warps on an H200, both directions
+BLOCK = 256  # elements a program
 
 
 @triton.jit
@@ -31,47 +32,46 @@ def _group_bounds(e, C: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _window_sum(x_ptr, e, ok, dlo, dhi, AT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
-    """sum of x^2 over the window of the channel AT away from element e (offsets AT+LO..AT+HI,
-    within the group); loads depend on the offset alone, so the compiler shares them between windows."""
+def _scale(x_ptr, e, ok, dlo, dhi, alpha, k, LO: tl.constexpr, HI: tl.constexpr):
+    """S = k + alpha * the sum of x^2 over element e's window (offsets LO..HI, within the group);
+    each load's mask depends on its offset alone, so the backward's loads of the same offsets
+    are shared with these."""
     s = tl.zeros(e.shape, tl.float32)
-    for d in tl.static_range(AT + LO, AT + HI + 1):
+    for d in tl.static_range(LO, HI + 1):
         v = tl.load(x_ptr + e + d, mask=ok & (d >= dlo) & (d < dhi), other=0.0).to(tl.float32)
         s += v * v
-    return s
+    return k + alpha * s
 
 
 @triton.jit
-def _forward(x_ptr, y_ptr, n, alpha, beta, k, C: tl.constexpr, GROUP: tl.constexpr, LO: tl.constexpr,
+def _forward(x_ptr, y_ptr, q_ptr, n, alpha, beta, k, C: tl.constexpr, GROUP: tl.constexpr, LO: tl.constexpr,
              HI: tl.constexpr, BLOCK: tl.constexpr):
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = e < n
     dlo, dhi = _group_bounds(e, C, GROUP)
     x = tl.load(x_ptr + e, mask=ok, other=0.0).to(tl.float32)
-    scale = k + alpha * _window_sum(x_ptr, e, ok, dlo, dhi, 0, LO, HI)
-    y = x * tl.exp2(-beta * tl.log2(scale))
-    tl.store(y_ptr + e, y.to(y_ptr.dtype.element_ty), mask=ok)
+    log_s = tl.log2(_scale(x_ptr, e, ok, dlo, dhi, alpha, k, LO, HI))
+    tl.store(y_ptr + e, (x * tl.exp2(-beta * log_s)).to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(q_ptr + e, tl.exp2((-beta - 1.0) * log_s), mask=ok)
 
 
 @triton.jit
-def _backward(x_ptr, dy_ptr, dx_ptr, n, alpha, beta, k, C: tl.constexpr, GROUP: tl.constexpr,
+def _backward(x_ptr, q_ptr, dy_ptr, dx_ptr, n, alpha, beta, k, C: tl.constexpr, GROUP: tl.constexpr,
               LO: tl.constexpr, HI: tl.constexpr, BLOCK: tl.constexpr):
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = e < n
     dlo, dhi = _group_bounds(e, C, GROUP)
     x = tl.load(x_ptr + e, mask=ok, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + e, mask=ok, other=0.0).to(tl.float32)
-    through = tl.zeros(e.shape, tl.float32)  # sum over the outputs j whose window holds this input
-    own = tl.zeros(e.shape, tl.float32)  # S_i^-beta, set at d = 0
-    for d in tl.static_range(-HI, -LO + 1):  # j = i + d, in i's group (so is its window)
+    q = tl.load(q_ptr + e, mask=ok, other=0.0)
+    s = _scale(x_ptr, e, ok, dlo, dhi, alpha, k, LO, HI)
+    through = tl.zeros(e.shape, tl.float32)  # over the outputs j whose window holds this input
+    for d in tl.static_range(-HI, -LO + 1):  # j = i + d, in i's group
         okj = ok & (d >= dlo) & (d < dhi)
-        log_s = tl.log2(k + alpha * _window_sum(x_ptr, e, ok, dlo, dhi, d, LO, HI))
         xj = tl.load(x_ptr + e + d, mask=okj, other=0.0).to(tl.float32)
         dyj = tl.load(dy_ptr + e + d, mask=okj, other=0.0).to(tl.float32)
-        through += dyj * xj * tl.exp2((-beta - 1.0) * log_s)
-        if d == 0:
-            own = tl.exp2(-beta * log_s)
-    dx = dy * own - 2.0 * alpha * beta * x * through
+        through += dyj * xj * tl.load(q_ptr + e + d, mask=okj, other=0.0)
+    dx = dy * q * s - 2.0 * alpha * beta * x * through
     tl.store(dx_ptr + e, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
@@ -89,48 +89,55 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _like(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.channels_last)  # the same strides as the fake ops'
+def _like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.channels_last)  # the fake ops' strides too
 
 
-@torch.library.custom_op("alexpipe::lrn", mutates_args=())
-def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> torch.Tensor:
-    """The LRN of a 4-D tensor (fewer than 2**31 elements), returned in channels_last memory.
-    First derivatives only: lrn_backward has no gradient of its own."""
+@torch.library.custom_op("alexpipe::lrn_forward", mutates_args=())
+def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
+                groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, q): the LRN of a 4-D tensor (fewer than 2**31 elements) and the float32 S^(-beta-1)
+    its backward needs, both in channels_last memory."""
     x = _channels_last(x)
-    y = _like(x)
-    _launch(_forward, (x, y), size, alpha, beta, k, groups)
-    return y
+    y, q = _like(x), _like(x, torch.float32)
+    _launch(_forward, (x, y, q), size, alpha, beta, k, groups)
+    return y, q
 
 
 @torch.library.custom_op("alexpipe::lrn_backward", mutates_args=())
-def lrn_backward(x: torch.Tensor, dy: torch.Tensor, size: int, alpha: float, beta: float, k: float,
-                 groups: int) -> torch.Tensor:
+def lrn_backward(x: torch.Tensor, q: torch.Tensor, dy: torch.Tensor, size: int, alpha: float, beta: float,
+                 k: float, groups: int) -> torch.Tensor:
     x, dy = _channels_last(x), _channels_last(dy)
     dx = _like(x)
-    _launch(_backward, (x, dy, dx), size, alpha, beta, k, groups)
+    _launch(_backward, (x, q, dy, dx), size, alpha, beta, k, groups)
     return dx
 
 
-@lrn.register_fake
+def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> torch.Tensor:
+    """The LRN of a 4-D tensor, returned in channels_last memory. First derivatives only:
+    lrn_backward has no gradient of its own."""
+    return lrn_forward(x, size, alpha, beta, k, groups)[0]
+
+
+@lrn_forward.register_fake
 def _(x, size, alpha, beta, k, groups):
-    return _like(x)
+    return _like(x), _like(x, torch.float32)
 
 
 @lrn_backward.register_fake
-def _(x, dy, size, alpha, beta, k, groups):
+def _(x, q, dy, size, alpha, beta, k, groups):
     return _like(x)
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(inputs[0], output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.args = inputs[1:]
 
 
-def _backward_op(ctx, dy):
-    (x,) = ctx.saved_tensors
-    return (lrn_backward(x, dy, *ctx.args),) + (None,) * 5
+def _backward_op(ctx, dy, _dq):
+    x, q = ctx.saved_tensors
+    return (lrn_backward(x, q, dy, *ctx.args),) + (None,) * 5
 
 
-lrn.register_autograd(_backward_op, setup_context=_setup)
-
+lrn_forward.register_autograd(_backward_op, setup_context=_setup)

@@ -167,7 +167,7 @@ def fused_lrn_op_checks(device: str) -> None:
     for shape, memory in (((2, 8, 3, 3), torch.channels_last), ((2, 8, 3, 3), torch.contiguous_format),
                           ((2, 8, 1, 1), torch.contiguous_format)):
         x = (torch.randn(shape, device=device) * 40).contiguous(memory_format=memory).requires_grad_()
-        torch.library.opcheck(_kernels.lrn, (x, *args))
+        torch.library.opcheck(_kernels.lrn_forward, (x, *args))
     empty = torch.zeros(0, 8, 3, 3, device=device, requires_grad=True)
     _kernels.lrn(empty, *args).sum().backward()
     assert empty.grad.shape == empty.shape
