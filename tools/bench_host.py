@@ -3,19 +3,23 @@
 docs/benchmarks.md's profile found the model's stream idle two thirds of the time beside the
 loader while its kernels ran as fast as alone: the host issues them too slowly. This times,
 in interleaved rounds, the model fed by the loader with every image already in the decoder
-cache (so no JPEG is decoded) four ways, against its synthetic-data ceiling:
+cache (so no JPEG is decoded; with --decode, no cache: every image decoded) in up to five
+ways (--cases), against its synthetic-data ceiling:
   default     torch.compile, as alexpipe-train runs it
   pinned      the training thread alone on core 0, every other thread of the process (DALI's)
               on the other cores
   graphs      torch.compile(mode="reduce-overhead"): one CUDA graph replay a step
   both        pinned and graphs
+  priority    the model's step (and the batch's cast) on a highest-priority CUDA stream, so
+              that the GPU runs its kernels before the loader's where both wait
 
-  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_host.py --out OUT [--arch torchvision]
+  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_host.py --out OUT [--arch torchvision] [--decode]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -64,30 +68,39 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode", action="store_true", help="no decoder cache: every batch decoded")
+    p.add_argument("--cases", default="default,pinned,graphs,both,priority")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_host: needs a CUDA GPU")
     b = args.batch_size
-    options = LoaderOptions(batch_size=b, verify=False, pipelines=PIPELINES_GPU, threads=THREADS_GPU, cache="gpu")
+    options = LoaderOptions(batch_size=b, verify=False, pipelines=PIPELINES_GPU, threads=THREADS_GPU,
+                            cache="off" if args.decode else "gpu")
     loader = train_loader(args.out, options, runtime=Runtime.start("cuda", "bf16", distributed=False))
-    for _ in loader:  # epoch 1 fills the cache
-        pass
+    if not args.decode:
+        for _ in loader:  # epoch 1 fills the cache
+            pass
     stream = endless(loader)
+    cases = args.cases.split(",")
+    high = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])  # lower number, higher priority
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
     steps = {graphs: training_step(args.arch, mode="reduce-overhead" if graphs else "default")
-             for graphs in (False, True)}
+             for graphs in (False, any(c in ("graphs", "both") for c in cases))}
     ceilings = {g: statistics.median(rate(s, itertools.repeat((x, y)), args.steps, warmup=30) for _ in range(3))
                 for g, s in steps.items()}
-    timings = {case: [] for case in ("default", "pinned", "graphs", "both")}
+    timings = {case: [] for case in cases}
     for _ in range(args.repeats):
         for case in timings:
             pin(case in ("pinned", "both"))
-            timings[case].append(rate(steps[case in ("graphs", "both")], stream, args.steps))
+            with torch.cuda.stream(high) if case == "priority" else contextlib.nullcontext():
+                timings[case].append(rate(steps[case in ("graphs", "both")], stream, args.steps))
     pin(False)
+    what = "every image decoded" if args.decode else "every image cached"
     print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} cores; {args.arch} AlexNet, batch {b}, loader "
-          f"{PIPELINES_GPU} x {THREADS_GPU} with every image cached; median of {args.repeats} x {args.steps} steps")
-    print(f"  ceiling (synthetic): compiled {ceilings[False]:.0f}, CUDA graphs {ceilings[True]:.0f} images/s")
+          f"{PIPELINES_GPU} x {THREADS_GPU} with {what}; median of {args.repeats} x {args.steps} steps")
+    print("  ceiling (synthetic): " + ", ".join(f"{'CUDA graphs' if g else 'compiled'} {c:.0f}"
+                                             for g, c in ceilings.items()) + " images/s")
     for case, t in timings.items():
         m = statistics.median(t)
         print(f"  {case:<8} {m:8.0f} images/s = {m / ceilings[False]:.2f} of the compiled ceiling "

@@ -10,8 +10,10 @@ channels_last, fused SGD, batch --batch-size, in one run:
   (d) each loader alone, no model running: an upper bound on (a).
 (a) and (d) are timed in interleaved rounds (drift hits every setting alike), medians of
 --repeats. With --cache, whole epochs: without a cache, and with DALI's GPU decoder cache
-holding all or half of the set (epoch 1 fills it; epochs 2-3 read it). Prints images/s,
-ratios to (b), and the projected hours of 90 ImageNet epochs on one GPU.
+holding all or half of the set (epoch 1 fills it; epochs 2-3 read it). With --priority, (a)
+and the epochs without and with the whole cache also with the model's steps on a
+highest-priority CUDA stream (the loader's kernels wait where both are ready). Prints
+images/s, ratios to (b), and the projected hours of 90 ImageNet epochs on one GPU.
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_train.py [--out OUT] [--cache] [--echo 2]
 """
@@ -19,6 +21,7 @@ ratios to (b), and the projected hours of 90 ImageNet epochs on one GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import os
@@ -41,7 +44,21 @@ from bench_prepare import DEFAULT_SRC, sample_shards
 IMAGENET_TRAIN = 1_281_167
 
 
-def rate(model, opt, batches, steps: int, warmup: int) -> float:
+def on(stream):
+    """Run the steps (and take the batches) on `stream`, or on torch's current one."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def high_priority() -> torch.cuda.Stream:
+    return torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])  # lower number, higher priority
+
+
+def rate(model, opt, batches, steps: int, warmup: int, stream=None) -> float:
+    with on(stream):
+        return _rate(model, opt, batches, steps, warmup)
+
+
+def _rate(model, opt, batches, steps: int, warmup: int) -> float:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     for _ in range(warmup):
         x, y = next(batches)
@@ -56,8 +73,13 @@ def rate(model, opt, batches, steps: int, warmup: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def epoch_rate(model, opt, loader) -> float:
+def epoch_rate(model, opt, loader, stream=None) -> float:
     """Images/s of one whole epoch, the reader's end-of-epoch drain included."""
+    with on(stream):
+        return _epoch_rate(model, opt, loader)
+
+
+def _epoch_rate(model, opt, loader) -> float:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     torch.cuda.synchronize()
     t0, n = time.perf_counter(), 0
@@ -93,31 +115,39 @@ def model_and_ceiling(arch, b, steps, repeats):
     return compiled, opt, ceiling
 
 
-def fed_rates(compiled, opt, out, b, settings, echo, steps, repeats):
-    """(a) and (d) per setting (and echo), in interleaved rounds; medians and ranges."""
+def fed_rates(compiled, opt, out, b, settings, echo, steps, repeats, priority):
+    """(a) and (d) per setting (and echo, and the model on a high-priority stream), in
+    interleaved rounds; medians and ranges."""
     runs = {f"{p}x{t}@{h}": (s, 1) for s in settings for p, t, h in [s]}
+    first = next(iter(runs))
     if echo > 1:
-        p, t, h = settings[0]
-        runs[f"{p}x{t}@{h} echo {echo}"] = (settings[0], echo)
+        runs[f"{first} echo {echo}"] = (settings[0], echo)
     streams = {name: endless(loader(out, b, s, echo=k)) for name, (s, k) in runs.items()}
-    a, d = {n: [] for n in runs}, {n: [] for n in runs}
+    cuda = {name: None for name in runs}
+    if priority:  # the first setting's loader again, the model on a high-priority stream; (d) is the same
+        streams[f"{first} priority"], cuda[f"{first} priority"] = streams[first], high_priority()
+    a, d = {n: [] for n in streams}, {n: [] for n in streams}
     for _ in range(repeats):
         for name, stream in streams.items():
-            a[name].append(rate(compiled, opt, stream, steps, warmup=10))
-            d[name].append(stream_rate(stream, steps, warmup=10))
+            a[name].append(rate(compiled, opt, stream, steps, warmup=10, stream=cuda[name]))
+            d[name].append(stream_rate(stream, steps, warmup=10) if cuda[name] is None else float("nan"))
     del streams, stream
     gc.collect()
     return a, d
 
 
-def cache_epochs(compiled, opt, out, b, setting, ceiling):
-    """Epoch rates without a cache, with all of the set cached and with half of it."""
+def cache_epochs(compiled, opt, out, b, setting, ceiling, priority):
+    """Epoch rates without a cache, with all of the set cached and with half of it (and with
+    all of it, the model on a high-priority stream)."""
     need = cache_gb_needed(Prepared.open(out).split("train"), 0, 1)
     rows = {}
-    for name, cache, gb in (("no cache", "off", None), ("cache, all", "gpu", None), ("cache, half", "gpu", need / 2)):
+    cases = [("no cache", "off", None, None), ("cache, all", "gpu", None, None), ("cache, half", "gpu", need / 2, None)]
+    if priority:
+        cases[1:1] = [("no cache, prio", "off", None, high_priority()), ("all, prio", "gpu", None, high_priority())]
+    for name, cache, gb, stream in cases:
         free0 = torch.cuda.mem_get_info()[0]
         data = loader(out, b, setting, cache=cache, cache_gb=gb, fixed_share=True)
-        rows[name] = [epoch_rate(compiled, opt, data) for _ in range(3)]
+        rows[name] = [epoch_rate(compiled, opt, data, stream) for _ in range(3)]
         used = (free0 - torch.cuda.mem_get_info()[0]) / 1e9
         print(f"  {name:<12} epoch 1 {rows[name][0]:7.0f}, epochs 2-3 {rows[name][1]:7.0f} {rows[name][2]:7.0f} "
               f"images/s = {rows[name][1] / ceiling:.2f} {rows[name][2] / ceiling:.2f} of (b); cache "
@@ -129,6 +159,9 @@ def cache_epochs(compiled, opt, out, b, setting, ceiling):
     hours = (IMAGENET_TRAIN / rows["cache, all"][0] + 89 * IMAGENET_TRAIN / later) / 3600
     print(f"  epoch 1 with the cache filling: {fill:.2f} of epoch 1 without; 90 ImageNet epochs at these rates "
           f"(all cached): {hours:.2f} h on one GPU", flush=True)
+    if priority:
+        print(f"  model on a high-priority stream: epoch 1 with the cache filling "
+              f"{rows['all, prio'][0] / rows['no cache, prio'][0]:.2f} of epoch 1 without", flush=True)
 
 
 def main(argv=None) -> int:
@@ -146,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", action="store_true", help="also time (c)")
     p.add_argument("--cache", action="store_true", help="also time whole epochs with the decoder cache")
     p.add_argument("--cache-only", action="store_true", help="only (b) and the whole epochs of --cache")
+    p.add_argument("--priority", action="store_true",
+                   help="also time (a) and the epochs with the model on a high-priority CUDA stream")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_train: needs a CUDA GPU")
@@ -164,7 +199,7 @@ def main(argv=None) -> int:
             if not args.cache_only:
                 fed(compiled, opt, out, settings, ceiling, args, cores)
             if args.cache or args.cache_only:
-                cache_epochs(compiled, opt, out, b, settings[0], ceiling)
+                cache_epochs(compiled, opt, out, b, settings[0], ceiling, args.priority)
             del compiled, opt
             gc.collect()
     return 0
@@ -173,12 +208,12 @@ def main(argv=None) -> int:
 def fed(compiled, opt, out, settings, ceiling, args, cores) -> None:
     """(a), (d) and with --baseline (c), printed."""
     b = args.batch_size
-    a, d = fed_rates(compiled, opt, out, b, settings, args.echo, args.steps, args.repeats)
+    a, d = fed_rates(compiled, opt, out, b, settings, args.echo, args.steps, args.repeats, args.priority)
     for name in a:
         am, dm = statistics.median(a[name]), statistics.median(d[name])
-        print(f"  (a) loader {name:<20} {am:8.0f} images/s = {am / ceiling:.2f} of (b) "
-              f"(timings {min(a[name]):.0f}-{max(a[name]):.0f});  (d) alone {dm:8.0f} = {dm / ceiling:.2f} "
-              f"of (b)", flush=True)
+        alone = "" if dm != dm else f";  (d) alone {dm:8.0f} = {dm / ceiling:.2f} of (b)"  # nan: the same loader
+        print(f"  (a) loader {name:<24} {am:8.0f} images/s = {am / ceiling:.2f} of (b) "
+              f"(timings {min(a[name]):.0f}-{max(a[name]):.0f}){alone}", flush=True)
     first = statistics.median(a[next(iter(a))])
     print(f"  projected 90 ImageNet epochs, {args.loaders.split(',')[0]}, no cache: "
           f"{90 * IMAGENET_TRAIN / first / 3600:.2f} h on one GPU", flush=True)

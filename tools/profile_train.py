@@ -11,6 +11,9 @@ model's stream against every other, i.e. DALI's) and from the host side:
   overlap                 the share of the model's kernel time with a loader kernel running
   host in run()           the share of the wall time the training thread spent in DALI's
                           Pipeline.run(), waiting for the next batch
+  CUDA calls              the costliest CUDA runtime/driver calls per step, the training
+                          thread's apart from all others' (DALI's): launches that take longer
+                          beside the loader, or synchronizing calls in DALI's threads
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/profile_train.py --out OUT [--arch torchvision]
 """
@@ -65,6 +68,27 @@ def summarize(trace: Path, label: str, steps: int, model_stream: int | None) -> 
           f"ms/step  loader kernels {union(other) / 1e3 / steps:6.2f} ms/step  model stream idle "
           f"{1 - union(mine) / wall:5.1%}  overlap {overlap(mine, other) / max(union(mine), 1):5.1%}  host in run() "
           f"{sum(runs) / wall:5.1%}  ({len(other)} loader kernels/copies, {len(mine)} model)", flush=True)
+    print("    CUDA calls ms/step: " + api_calls(events, steps), flush=True)
+
+
+def api_calls(events, steps: int, top: int = 6) -> str:
+    """The costliest CUDA runtime/driver calls, as 'name count x ms' per step, by thread kind."""
+    calls = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e]
+    ops = {}
+    for e in events:  # the training thread is the one running aten ops
+        if e.get("cat") == "cpu_op":
+            ops[e["tid"]] = ops.get(e["tid"], 0) + 1
+    main = max(ops, key=ops.get) if ops else None
+    parts = []
+    for label, keep in (("training thread", lambda e: e["tid"] == main), ("other threads", lambda e: e["tid"] != main)):
+        total = {}
+        for e in filter(keep, calls):
+            n, t = total.get(e["name"], (0, 0.0))
+            total[e["name"]] = (n + 1, t + e["dur"])
+        best = sorted(total.items(), key=lambda kv: -kv[1][1])[:top]
+        parts.append(f"{label}: " + ", ".join(f"{name} {n / steps:.0f}x {t / 1e3 / steps:.2f}"
+                                              for name, (n, t) in best))
+    return "; ".join(parts)
 
 
 def traced(fn, steps: int, path: Path) -> None:
