@@ -82,6 +82,15 @@ class Runtime:
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
+    def model_stream(self) -> torch.cuda.Stream | None:
+        """A new highest-priority CUDA stream for the model's work (None on the CPU). Under
+        torch.cuda.stream(it) the GPU runs the model's kernels before the loader's wherever both
+        are ready to run; DALI's batches wait for it through DLPack, and everything run under it
+        stays in order (docs/benchmarks.md, 0.2.3)."""
+        if not self.cuda:
+            return None
+        return torch.cuda.Stream(self.device, priority=torch.cuda.Stream.priority_range()[1])  # lower: sooner
+
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (gloo reduces CPU tensors, NCCL device tensors)."""

@@ -389,18 +389,19 @@ def train(cfg: TrainConfig) -> list[dict]:
     """The whole run; returns the per-epoch metrics (on every rank)."""
     check_config(cfg)
     rt = Runtime.start(cfg.device, cfg.precision, channels_last=cfg.channels_last)
-    cfg = resolved(cfg, rt)
-    seed_everything(cfg.seed + rt.rank, cfg.deterministic)
-    data = Prepared.open(cfg.out)  # a missing or stale pca.json is refused before anything else
-    ckpt = resume_from(cfg, rt, data)
-    run_dir = run_dir_for(cfg)
-    run = build(cfg, rt, data, ckpt)
-    on_main(rt, lambda: announce(cfg, rt, data, run, run_dir))
-    for epoch in range(run.start, cfg.epochs):
-        run.metrics.append(run_epoch(cfg, rt, run, data, epoch))
-        ckpt = checkpoint(cfg, rt, data, run)
-        on_main(rt, lambda: save_epoch(run_dir, ckpt, run.metrics))
-    return run.metrics
+    with torch.cuda.stream(rt.model_stream()):  # the whole run on one stream, the GPU's first in line
+        cfg = resolved(cfg, rt)
+        seed_everything(cfg.seed + rt.rank, cfg.deterministic)
+        data = Prepared.open(cfg.out)  # a missing or stale pca.json is refused before anything else
+        ckpt = resume_from(cfg, rt, data)
+        run_dir = run_dir_for(cfg)
+        run = build(cfg, rt, data, ckpt)
+        on_main(rt, lambda: announce(cfg, rt, data, run, run_dir))
+        for epoch in range(run.start, cfg.epochs):
+            run.metrics.append(run_epoch(cfg, rt, run, data, epoch))
+            ckpt = checkpoint(cfg, rt, data, run)
+            on_main(rt, lambda: save_epoch(run_dir, ckpt, run.metrics))
+        return run.metrics
 
 
 def parser() -> argparse.ArgumentParser:

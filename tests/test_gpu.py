@@ -5,6 +5,7 @@ the layout these rely on, one fixed share per rank, is tested on the CPU in test
 from __future__ import annotations
 
 import gc
+import math
 from collections import Counter
 
 import pytest
@@ -71,3 +72,22 @@ def test_resume_with_a_cache_continues_exactly(unique_out):
     straight, state = epochs_of(unique_out, cache="gpu")
     resumed, _ = epochs_of(unique_out, epochs=2, state=state, cache="gpu")  # the cache refills in epoch 2
     assert equal(resumed[0], straight[1]) and equal(resumed[1], straight[2])
+
+
+def test_training_runs_on_a_highest_priority_stream(synth_ready, tmp_path, monkeypatch):
+    """alexpipe-train on CUDA: every step on the model's highest-priority stream (the loader's
+    kernels wait where both are ready), and the run learns and checkpoints as on the CPU."""
+    from alexpipe import train
+    seen, step = [], train.train_step
+
+    def recording(*args, **kwargs):
+        seen.append(torch.cuda.current_stream().priority)
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", recording)
+    run = tmp_path / "run"
+    assert train.main([str(synth_ready), "--arch", "paper", "--device", "cuda", "--batch-size", "16", "--epochs", "2",
+                       "--pipelines", "1", "--run-dir", str(run), "--log-every", "2"]) == 0
+    assert len(seen) == 2 * (48 // 16) and set(seen) == {torch.cuda.Stream.priority_range()[1]}
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # given back after the run
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and all(math.isfinite(m["train_loss"]) for m in ckpt["metrics"])

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             pass
     stream = endless(loader)
     cases = args.cases.split(",")
-    high = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])  # lower number, higher priority
+    high = Runtime.start("cuda", "bf16", distributed=False).model_stream()  # alexpipe-train's
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
     steps = {graphs: training_step(args.arch, mode="reduce-overhead" if graphs else "default")

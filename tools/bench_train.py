@@ -10,10 +10,11 @@ channels_last, fused SGD, batch --batch-size, in one run:
   (d) each loader alone, no model running: an upper bound on (a).
 (a) and (d) are timed in interleaved rounds (drift hits every setting alike), medians of
 --repeats. With --cache, whole epochs: without a cache, and with DALI's GPU decoder cache
-holding all or half of the set (epoch 1 fills it; epochs 2-3 read it). With --priority, (a)
-and the epochs without and with the whole cache also with the model's steps on a
-highest-priority CUDA stream (the loader's kernels wait where both are ready). Prints
-images/s, ratios to (b), and the projected hours of 90 ImageNet epochs on one GPU.
+holding all or half of the set (epoch 1 fills it; epochs 2-3 read it). The model runs on a
+highest-priority CUDA stream, as in alexpipe-train (Runtime.model_stream); --default-stream
+also times (a) and the epochs without and with the whole cache on torch's default stream (as
+alexpipe-train before 0.2.3). Prints images/s, ratios to (b), and the projected hours of 90
+ImageNet epochs on one GPU.
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_train.py [--out OUT] [--cache] [--echo 2]
 """
@@ -21,7 +22,6 @@ images/s, ratios to (b), and the projected hours of 90 ImageNet epochs on one GP
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import itertools
 import os
@@ -44,17 +44,9 @@ from bench_prepare import DEFAULT_SRC, sample_shards
 IMAGENET_TRAIN = 1_281_167
 
 
-def on(stream):
-    """Run the steps (and take the batches) on `stream`, or on torch's current one."""
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-def high_priority() -> torch.cuda.Stream:
-    return torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])  # lower number, higher priority
-
-
 def rate(model, opt, batches, steps: int, warmup: int, stream=None) -> float:
-    with on(stream):
+    """Images/s of `steps` steps, run (and the batches taken) on `stream`."""
+    with torch.cuda.stream(stream):
         return _rate(model, opt, batches, steps, warmup)
 
 
@@ -75,7 +67,7 @@ def _rate(model, opt, batches, steps: int, warmup: int) -> float:
 
 def epoch_rate(model, opt, loader, stream=None) -> float:
     """Images/s of one whole epoch, the reader's end-of-epoch drain included."""
-    with on(stream):
+    with torch.cuda.stream(stream):
         return _epoch_rate(model, opt, loader)
 
 
@@ -103,51 +95,55 @@ def loader(out, b, setting, **kw):
     return train_loader(out, options, runtime=Runtime.start("cuda", "bf16", distributed=False))
 
 
-def model_and_ceiling(arch, b, steps, repeats):
+def model_and_ceiling(arch, b, steps, repeats, stream):
     torch.manual_seed(0)
     model = alexnet(arch).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
     compiled = torch.compile(model)
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
-    rate(compiled, opt, itertools.repeat((x, y)), 1, warmup=30)  # compiles
-    ceiling = statistics.median(rate(compiled, opt, itertools.repeat((x, y)), steps, 10) for _ in range(repeats))
+    rate(compiled, opt, itertools.repeat((x, y)), 1, warmup=30, stream=stream)  # compiles
+    ceiling = statistics.median(rate(compiled, opt, itertools.repeat((x, y)), steps, 10, stream)
+                                for _ in range(repeats))
     return compiled, opt, ceiling
 
 
-def fed_rates(compiled, opt, out, b, settings, echo, steps, repeats, priority):
-    """(a) and (d) per setting (and echo, and the model on a high-priority stream), in
-    interleaved rounds; medians and ranges."""
+def fed_rates(compiled, opt, out, b, settings, echo, steps, repeats, stream, default_stream):
+    """(a) and (d) per setting (and echo, and with default_stream the model on torch's default
+    stream), in interleaved rounds; medians and ranges."""
     runs = {f"{p}x{t}@{h}": (s, 1) for s in settings for p, t, h in [s]}
     first = next(iter(runs))
     if echo > 1:
         runs[f"{first} echo {echo}"] = (settings[0], echo)
     streams = {name: endless(loader(out, b, s, echo=k)) for name, (s, k) in runs.items()}
-    cuda = {name: None for name in runs}
-    if priority:  # the first setting's loader again, the model on a high-priority stream; (d) is the same
-        streams[f"{first} priority"], cuda[f"{first} priority"] = streams[first], high_priority()
+    cuda = {name: stream for name in runs}
+    if default_stream:  # the first setting's loader again, the model on the default stream; (d) is the same
+        name = f"{first} default stream"
+        streams[name], cuda[name] = streams[first], torch.cuda.default_stream()
     a, d = {n: [] for n in streams}, {n: [] for n in streams}
     for _ in range(repeats):
-        for name, stream in streams.items():
-            a[name].append(rate(compiled, opt, stream, steps, warmup=10, stream=cuda[name]))
-            d[name].append(stream_rate(stream, steps, warmup=10) if cuda[name] is None else float("nan"))
-    del streams, stream
+        for name, batches in streams.items():
+            a[name].append(rate(compiled, opt, batches, steps, warmup=10, stream=cuda[name]))
+            d[name].append(float("nan") if name.endswith("default stream") else stream_rate(batches, steps, 10))
+    del streams, batches
     gc.collect()
     return a, d
 
 
-def cache_epochs(compiled, opt, out, b, setting, ceiling, priority):
+def cache_epochs(compiled, opt, out, b, setting, ceiling, stream, default_stream):
     """Epoch rates without a cache, with all of the set cached and with half of it (and with
-    all of it, the model on a high-priority stream)."""
+    default_stream, without and with all of it, the model on torch's default stream)."""
     need = cache_gb_needed(Prepared.open(out).split("train"), 0, 1)
     rows = {}
-    cases = [("no cache", "off", None, None), ("cache, all", "gpu", None, None), ("cache, half", "gpu", need / 2, None)]
-    if priority:
-        cases[1:1] = [("no cache, prio", "off", None, high_priority()), ("all, prio", "gpu", None, high_priority())]
-    for name, cache, gb, stream in cases:
+    cases = [("no cache", "off", None, stream), ("cache, all", "gpu", None, stream),
+             ("cache, half", "gpu", need / 2, stream)]
+    if default_stream:
+        cases[1:1] = [(f"{name}, default stream", cache, None, torch.cuda.default_stream())
+                      for name, cache in (("no cache", "off"), ("all", "gpu"))]
+    for name, cache, gb, on in cases:
         free0 = torch.cuda.mem_get_info()[0]
         data = loader(out, b, setting, cache=cache, cache_gb=gb, fixed_share=True)
-        rows[name] = [epoch_rate(compiled, opt, data, stream) for _ in range(3)]
+        rows[name] = [epoch_rate(compiled, opt, data, on) for _ in range(3)]
         used = (free0 - torch.cuda.mem_get_info()[0]) / 1e9
         print(f"  {name:<12} epoch 1 {rows[name][0]:7.0f}, epochs 2-3 {rows[name][1]:7.0f} {rows[name][2]:7.0f} "
               f"images/s = {rows[name][1] / ceiling:.2f} {rows[name][2] / ceiling:.2f} of (b); cache "
@@ -159,9 +155,10 @@ def cache_epochs(compiled, opt, out, b, setting, ceiling, priority):
     hours = (IMAGENET_TRAIN / rows["cache, all"][0] + 89 * IMAGENET_TRAIN / later) / 3600
     print(f"  epoch 1 with the cache filling: {fill:.2f} of epoch 1 without; 90 ImageNet epochs at these rates "
           f"(all cached): {hours:.2f} h on one GPU", flush=True)
-    if priority:
-        print(f"  model on a high-priority stream: epoch 1 with the cache filling "
-              f"{rows['all, prio'][0] / rows['no cache, prio'][0]:.2f} of epoch 1 without", flush=True)
+    if default_stream:
+        print(f"  the model on the default stream: epoch 1 with the cache filling "
+              f"{rows['all, default stream'][0] / rows['no cache, default stream'][0]:.2f} of epoch 1 without",
+              flush=True)
 
 
 def main(argv=None) -> int:
@@ -179,36 +176,39 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", action="store_true", help="also time (c)")
     p.add_argument("--cache", action="store_true", help="also time whole epochs with the decoder cache")
     p.add_argument("--cache-only", action="store_true", help="only (b) and the whole epochs of --cache")
-    p.add_argument("--priority", action="store_true",
-                   help="also time (a) and the epochs with the model on a high-priority CUDA stream")
+    p.add_argument("--default-stream", action="store_true",
+                   help="also time (a) and the epochs with the model on torch's default CUDA stream")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_train: needs a CUDA GPU")
     cores = len(os.sched_getaffinity(0))
     settings = [parse_setting(s) for s in args.loaders.split(",")]
+    stream = Runtime.start("cuda", "bf16", distributed=False).model_stream()  # alexpipe-train's
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
         b = args.batch_size
         n = Prepared.open(out).count("train")
         print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; {n} samples, batch {b}, bf16 autocast, "
-              f"channels_last, torch.compile, fused SGD; median of {args.repeats} x {args.steps} timed steps; "
+              f"channels_last, torch.compile, fused SGD, a highest-priority stream; median of {args.repeats} x "
+              f"{args.steps} timed steps; "
               f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset (8)')}", flush=True)
         for arch in args.archs.split(","):
-            compiled, opt, ceiling = model_and_ceiling(arch, b, args.steps, args.repeats)
+            compiled, opt, ceiling = model_and_ceiling(arch, b, args.steps, args.repeats, stream)
             print(f"\n{arch} AlexNet\n  (b) synthetic GPU tensors (ceiling)  {ceiling:8.0f} images/s", flush=True)
             if not args.cache_only:
-                fed(compiled, opt, out, settings, ceiling, args, cores)
+                fed(compiled, opt, out, settings, ceiling, args, cores, stream)
             if args.cache or args.cache_only:
-                cache_epochs(compiled, opt, out, b, settings[0], ceiling, args.priority)
+                cache_epochs(compiled, opt, out, b, settings[0], ceiling, stream, args.default_stream)
             del compiled, opt
             gc.collect()
     return 0
 
 
-def fed(compiled, opt, out, settings, ceiling, args, cores) -> None:
+def fed(compiled, opt, out, settings, ceiling, args, cores, stream) -> None:
     """(a), (d) and with --baseline (c), printed."""
     b = args.batch_size
-    a, d = fed_rates(compiled, opt, out, b, settings, args.echo, args.steps, args.repeats, args.priority)
+    a, d = fed_rates(compiled, opt, out, b, settings, args.echo, args.steps, args.repeats, stream,
+                     args.default_stream)
     for name in a:
         am, dm = statistics.median(a[name]), statistics.median(d[name])
         alone = "" if dm != dm else f";  (d) alone {dm:8.0f} = {dm / ceiling:.2f} of (b)"  # nan: the same loader
@@ -221,7 +221,7 @@ def fed(compiled, opt, out, settings, ceiling, args, cores) -> None:
         tv = (
             (x.cuda(non_blocking=True).to(torch.bfloat16, memory_format=torch.channels_last), y.cuda())
             for x, y in torchvision_loader(out, b, cores))
-        base = rate(compiled, opt, tv, max(40, args.steps // 2), warmup=2 * cores)
+        base = rate(compiled, opt, tv, max(40, args.steps // 2), warmup=2 * cores, stream=stream)
         tv.close()  # shuts its worker processes down before the next measurement
         print(f"  (c) webdataset+PIL+torchvision, {cores} workers {base:7.0f} images/s; (a)/(c) = "
               f"{first / base:.1f}", flush=True)
