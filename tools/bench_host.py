@@ -3,15 +3,14 @@
 docs/benchmarks.md's profile found the model's stream idle two thirds of the time beside the
 loader while its kernels ran as fast as alone: the host issues them too slowly. This times,
 in interleaved rounds, the model fed by the loader with every image already in the decoder
-cache (so no JPEG is decoded; with --decode, no cache: every image decoded) in up to five
-ways (--cases), against its synthetic-data ceiling:
-  default     torch.compile, as alexpipe-train runs it
+cache (so no JPEG is decoded; with --decode, no cache: every image decoded) in several ways
+(--cases, each a '+'-joined set of these), against its synthetic-data ceiling:
+  default     torch.compile on torch's default stream (alexpipe-train before 0.2.3)
   pinned      the training thread alone on core 0, every other thread of the process (DALI's)
               on the other cores
   graphs      torch.compile(mode="reduce-overhead"): one CUDA graph replay a step
-  both        pinned and graphs
   priority    the model's step (and the batch's cast) on a highest-priority CUDA stream, so
-              that the GPU runs its kernels before the loader's where both wait
+              that the GPU runs its kernels before the loader's where both wait (alexpipe-train)
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_host.py --out OUT [--arch torchvision] [--decode]
 """
@@ -19,7 +18,6 @@ ways (--cases), against its synthetic-data ceiling:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
 import statistics
@@ -69,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode", action="store_true", help="no decoder cache: every batch decoded")
-    p.add_argument("--cases", default="default,pinned,graphs,both,priority")
+    p.add_argument("--cases", default="default,pinned,graphs,pinned+graphs,priority,graphs+priority")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_host: needs a CUDA GPU")
@@ -86,15 +84,15 @@ def main(argv=None) -> int:
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
     steps = {graphs: training_step(args.arch, mode="reduce-overhead" if graphs else "default")
-             for graphs in (False, any(c in ("graphs", "both") for c in cases))}
+             for graphs in (False, any("graphs" in c for c in cases))}
     ceilings = {g: statistics.median(rate(s, itertools.repeat((x, y)), args.steps, warmup=30) for _ in range(3))
                 for g, s in steps.items()}
     timings = {case: [] for case in cases}
     for _ in range(args.repeats):
         for case in timings:
-            pin(case in ("pinned", "both"))
-            with torch.cuda.stream(high) if case == "priority" else contextlib.nullcontext():
-                timings[case].append(rate(steps[case in ("graphs", "both")], stream, args.steps))
+            pin("pinned" in case)
+            with torch.cuda.stream(high if "priority" in case else None):
+                timings[case].append(rate(steps["graphs" in case], stream, args.steps))
     pin(False)
     what = "every image decoded" if args.decode else "every image cached"
     print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} cores; {args.arch} AlexNet, batch {b}, loader "
@@ -103,7 +101,7 @@ def main(argv=None) -> int:
                                              for g, c in ceilings.items()) + " images/s")
     for case, t in timings.items():
         m = statistics.median(t)
-        print(f"  {case:<8} {m:8.0f} images/s = {m / ceilings[False]:.2f} of the compiled ceiling "
+        print(f"  {case:<16} {m:8.0f} images/s = {m / ceilings[False]:.2f} of the compiled ceiling "
               f"(timings {min(t):.0f}-{max(t):.0f})")
     return 0
 
