@@ -143,20 +143,26 @@ def fused_lrn_against_float64(device: str, groups: int, size: int, shape, memory
     """alexpipe's Triton LRN, forward and backward from float32 and bf16, against the float64
     formula (values and gradients); its output in channels_last memory whatever the input's."""
     from alexpipe import _kernels
-    x = torch.randn(shape, dtype=torch.float64) * 40
-    g = torch.randn_like(x)
-    ref_in = x.clone().requires_grad_()
-    ref = local_response_norm(ref_in, size, groups=groups)
-    ref.backward(g)
+    x, g, ref, ref_grad = float64_reference(shape, size, groups)
     assert (ref - x).abs().max() > 1.0  # the normalization matters at this scale
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
         dev_in = x.to(device, dtype).contiguous(memory_format=memory).requires_grad_()
         out = _kernels.lrn(dev_in, size, 1e-4, 0.75, 2.0, groups)
         out.backward(g.to(device, dtype))
         assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-        scale = ref.abs().max(), ref_in.grad.abs().max()
-        torch.testing.assert_close(out.double().cpu() / scale[0], ref.detach() / scale[0], rtol=tol, atol=tol)
-        torch.testing.assert_close(dev_in.grad.double().cpu() / scale[1], ref_in.grad / scale[1], rtol=tol, atol=tol)
+        scale = ref.abs().max(), ref_grad.abs().max()
+        torch.testing.assert_close(out.double().cpu() / scale[0], ref / scale[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(dev_in.grad.double().cpu() / scale[1], ref_grad / scale[1], rtol=tol, atol=tol)
+
+
+def float64_reference(shape, size: int = 5, groups: int = 1):
+    """(x, upstream gradient, LRN(x), its input gradient), all float64 on the CPU."""
+    x = torch.randn(shape, dtype=torch.float64) * 40
+    g = torch.randn_like(x)
+    ref_in = x.clone().requires_grad_()
+    ref = local_response_norm(ref_in, size, groups=groups)
+    ref.backward(g)
+    return x, g, ref.detach(), ref_in.grad
 
 
 def fused_lrn_op_checks(device: str) -> None:
@@ -178,14 +184,10 @@ def fused_lrn_op_checks(device: str) -> None:
 def compiled_lrn_against_float64(groups: int) -> None:
     """The compiled LRN on the GPU (the Triton kernels inside a compiled graph), forward and
     backward, against float64 on the CPU, at the paper's conv1 map size in channels_last memory."""
-    x = torch.randn(8, 96, 55, 55, dtype=torch.float64) * 40
-    g = torch.randn_like(x)
-    ref_in = x.clone().requires_grad_()
-    ref = local_response_norm(ref_in, groups=groups)
-    ref.backward(g)
+    x, g, ref, ref_grad = float64_reference((8, 96, 55, 55), groups=groups)
     fn = torch.compile(LRN(groups=groups))
     dev_in = x.float().cuda().contiguous(memory_format=torch.channels_last).requires_grad_()
     out = fn(dev_in)
     out.backward(g.float().cuda())
-    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dev_in.grad.double().cpu(), ref_in.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dev_in.grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-5)
