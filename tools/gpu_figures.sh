@@ -7,7 +7,8 @@
 #   model    prepare the benchmark shards (JPEG_DIR x 60); the LRN test on CUDA;
 #            tools/profile_model.py, tools/bench_kernels.py (no DALI needed)
 #   loader   pca.json for the shards; tools/bench_pca.py; the GPU tests; tools/bench_loader.py
-#   train    tools/bench_train.py with the decoder cache, echo 2 and the PyTorch baseline; the
+#   train    tools/bench_train.py with the decoder cache, echo 2, the PyTorch baseline and the
+#            model on the default stream beside the default highest-priority one; the
 #            decoder cache again on a 4x larger set (JPEG_DIR x 240, --cache-only)
 #   profile  tools/profile_train.py for both archs; tools/bench_host.py; tools/bench_neighbors.py
 #   real     tools/real_run.sh with and without --echo 2 (same steps), alexpipe-neighbors
@@ -45,7 +46,8 @@ loader)
     python3 tools/bench_loader.py --out "$work/bench" 2>&1 | tee "$log/bench_loader.log"
     ;;
 train)
-    python3 tools/bench_train.py --out "$work/bench" --cache --echo 2 --baseline 2>&1 | tee "$log/bench_train.log"
+    python3 tools/bench_train.py --out "$work/bench" --cache --echo 2 --baseline --default-stream 2>&1 \
+        | tee "$log/bench_train.log"
     python3 tools/bench_train.py --src "$src" --repeat 240 --cache-only 2>&1 | grep -v "it/s\]" \
         | tee "$log/bench_train_cache120.log"
     ;;

@@ -108,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--save", type=Path, default=None, help="keep the gzipped traces in this folder")
+    p.add_argument("--default-stream", action="store_true",
+                   help="the model on torch's default stream (alexpipe-train before 0.2.3), not a highest-priority one")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_train: needs a CUDA GPU")
@@ -115,6 +117,9 @@ def main(argv=None) -> int:
     pipes, threads = (int(v) for v in shape.split("x"))
     b = args.batch_size
     torch.manual_seed(0)
+    rt = Runtime.start("cuda", "bf16", distributed=False)
+    if not args.default_stream:  # as alexpipe-train: the model's work on a highest-priority stream
+        torch.cuda.set_stream(rt.model_stream())
     model = alexnet(args.arch).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
     compiled = torch.compile(model)
@@ -122,14 +127,15 @@ def main(argv=None) -> int:
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
     options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads, hw_decoder_load=float(load or 1.0))
-    loader = train_loader(args.out, options, runtime=Runtime.start("cuda", "bf16", distributed=False))
+    loader = train_loader(args.out, options, runtime=rt)
     for pipe in loader.pipes:  # mark the host's waits for DALI in the trace
         pipe.run = marked(pipe.run)
     stream = endless(loader)
     for _ in range(30):
         train_step(compiled, *next(stream), opt, 0.01, scaler, torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}, {len(os.sched_getaffinity(0))} cores; {args.arch} AlexNet, batch {b}, "
-          f"loader {args.loader}; CUDA_DEVICE_MAX_CONNECTIONS="
+          f"loader {args.loader}, model on {'the default' if args.default_stream else 'a highest-priority'} "
+          f"stream; CUDA_DEVICE_MAX_CONNECTIONS="
           f"{os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset (8)')}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cases = {"model alone (synthetic)": lambda: train_step(compiled, x, y, opt, 0.01, scaler, torch.bfloat16),
