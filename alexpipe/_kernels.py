@@ -107,7 +107,7 @@ def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
 @torch.library.custom_op("alexpipe::lrn_backward", mutates_args=())
 def lrn_backward(x: torch.Tensor, q: torch.Tensor, dy: torch.Tensor, size: int, alpha: float, beta: float,
                  k: float, groups: int) -> torch.Tensor:
-    x, dy = _channels_last(x), _channels_last(dy)
+    x, q, dy = _channels_last(x), _channels_last(q), _channels_last(dy)  # as the kernel indexes them
     dx = _like(x)
     _launch(_backward, (x, q, dy, dx), size, alpha, beta, k, groups)
     return dx
@@ -132,6 +132,7 @@ def _(x, q, dy, size, alpha, beta, k, groups):
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # q's gradient stays None, not a tensor of zeros every step
     ctx.args = inputs[1:]
 
 

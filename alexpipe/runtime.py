@@ -9,6 +9,7 @@ Vocabulary: a device is "cuda" or "cpu" (None: cuda if a GPU is visible); a prec
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -82,14 +83,28 @@ class Runtime:
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
-    def model_stream(self) -> torch.cuda.Stream | None:
-        """A new highest-priority CUDA stream for the model's work (None on the CPU). Under
-        torch.cuda.stream(it) the GPU runs the model's kernels before the loader's wherever both
-        are ready to run; DALI's batches wait for it through DLPack, and everything run under it
-        stays in order (docs/benchmarks.md, 0.2.3)."""
+    @contextlib.contextmanager
+    def model_stream(self):
+        """Run the block's CUDA work on a new highest-priority stream (yielded; on the CPU None,
+        and nothing changes): the GPU then runs the model's kernels before the loader's wherever
+        both are ready. The block starts after what was queued on the current stream and what
+        follows it waits for the block; inside, using a DALI batch waits for DALI's stream
+        through DLPack (docs/benchmarks.md, 0.2.3)."""
         if not self.cuda:
-            return None
-        return torch.cuda.Stream(self.device, priority=torch.cuda.Stream.priority_range()[1])  # lower: sooner
+            yield None
+            return
+        before, stream = torch.cuda.current_stream(self.device), priority_stream(self.device)
+        stream.wait_stream(before)
+        try:
+            with torch.cuda.stream(stream):
+                yield stream
+        finally:
+            before.wait_stream(stream)
+
+
+def priority_stream(device: torch.device) -> torch.cuda.Stream:
+    """A new CUDA stream of the highest priority on `device`."""
+    return torch.cuda.Stream(device, priority=torch.cuda.Stream.priority_range()[1])  # lower: sooner
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -389,7 +389,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     """The whole run; returns the per-epoch metrics (on every rank)."""
     check_config(cfg)
     rt = Runtime.start(cfg.device, cfg.precision, channels_last=cfg.channels_last)
-    with torch.cuda.stream(rt.model_stream()):  # the whole run on one stream, the GPU's first in line
+    with rt.model_stream():  # the whole run on one stream, the GPU's first in line
         cfg = resolved(cfg, rt)
         seed_everything(cfg.seed + rt.rank, cfg.deterministic)
         data = Prepared.open(cfg.out)  # a missing or stale pca.json is refused before anything else

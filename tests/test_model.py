@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from alexpipe import model as model_module
 from alexpipe.model import LRN, alexnet, local_response_norm
@@ -174,11 +175,34 @@ def fused_lrn_op_checks(device: str) -> None:
                           ((2, 8, 1, 1), torch.contiguous_format)):
         x = (torch.randn(shape, device=device) * 40).contiguous(memory_format=memory).requires_grad_()
         torch.library.opcheck(_kernels.lrn_forward, (x, *args))
+        _, q = _kernels.lrn_forward(x, *args)
+        dy = torch.randn_like(x).contiguous(memory_format=memory)
+        torch.library.opcheck(_kernels.lrn_backward, (x.detach(), q.contiguous(), dy, *args))
+        want = _kernels.lrn_backward(x.detach(), q, dy, *args)
+        torch.testing.assert_close(_kernels.lrn_backward(x.detach(), q.contiguous(), dy, *args), want)
+    x = (torch.randn(2, 8, 3, 3, device=device) * 40).requires_grad_()
+    y = _kernels.lrn(x, *args)
+    g = torch.ones_like(y)
+    with OpLog() as log:
+        y.backward(g)
+    assert not [op for op in log.ops if "zero" in op], log.ops  # no zeros made as q's gradient
     empty = torch.zeros(0, 8, 3, 3, device=device, requires_grad=True)
     _kernels.lrn(empty, *args).sum().backward()
     assert empty.grad.shape == empty.shape
     with pytest.raises(ValueError, match="equal groups"):
         _kernels.lrn(torch.ones(1, 5, 2, 2, device=device), *args)
+
+
+class OpLog(TorchDispatchMode):
+    """The aten ops run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def compiled_lrn_against_float64(groups: int) -> None:

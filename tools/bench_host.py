@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, train_loader
-from alexpipe.runtime import Runtime
+from alexpipe.runtime import Runtime, priority_stream
 from bench_loader import endless
 from profile_model import training_step
 
 
 def rate(step, batches, steps: int, warmup: int = 10) -> float:
+    torch.cuda.synchronize()  # what other streams queued (the model, its inputs) comes first
     for _ in range(warmup):
         step(*next(batches))
     torch.cuda.synchronize()
@@ -79,20 +80,22 @@ def main(argv=None) -> int:
         for _ in loader:  # epoch 1 fills the cache
             pass
     stream = endless(loader)
-    cases = args.cases.split(",")
-    high = Runtime.start("cuda", "bf16", distributed=False).model_stream()  # alexpipe-train's
+    cases = {case: set(case.split("+")) for case in args.cases.split(",")}
+    if unknown := set().union(*cases.values()) - {"default", "pinned", "graphs", "priority"}:
+        sys.exit(f"bench_host: unknown case part(s) {', '.join(sorted(unknown))} in --cases")
+    high = priority_stream(torch.device("cuda"))  # as alexpipe-train's Runtime.model_stream
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
     steps = {graphs: training_step(args.arch, mode="reduce-overhead" if graphs else "default")
-             for graphs in (False, any("graphs" in c for c in cases))}
+             for graphs in sorted({False, any("graphs" in parts for parts in cases.values())})}
     ceilings = {g: statistics.median(rate(s, itertools.repeat((x, y)), args.steps, warmup=30) for _ in range(3))
                 for g, s in steps.items()}
     timings = {case: [] for case in cases}
     for _ in range(args.repeats):
-        for case in timings:
-            pin("pinned" in case)
-            with torch.cuda.stream(high if "priority" in case else None):
-                timings[case].append(rate(steps["graphs" in case], stream, args.steps))
+        for case, parts in cases.items():
+            pin("pinned" in parts)
+            with torch.cuda.stream(high if "priority" in parts else None):
+                timings[case].append(rate(steps["graphs" in parts], stream, args.steps))
     pin(False)
     what = "every image decoded" if args.decode else "every image cached"
     print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} cores; {args.arch} AlexNet, batch {b}, loader "

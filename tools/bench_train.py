@@ -36,7 +36,7 @@ import torch
 from alexpipe.dataset import Prepared
 from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, cache_gb_needed, train_loader
 from alexpipe.model import alexnet
-from alexpipe.runtime import Runtime
+from alexpipe.runtime import Runtime, priority_stream
 from alexpipe.train import train_step
 from bench_loader import endless, stream_rate, torchvision_loader
 from bench_prepare import DEFAULT_SRC, sample_shards
@@ -52,6 +52,7 @@ def rate(model, opt, batches, steps: int, warmup: int, stream=None) -> float:
 
 def _rate(model, opt, batches, steps: int, warmup: int) -> float:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
+    torch.cuda.synchronize()  # what other streams queued (the model, its inputs) comes first
     for _ in range(warmup):
         x, y = next(batches)
         train_step(model, x, y, opt, 0.01, scaler, torch.bfloat16)
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
         sys.exit("bench_train: needs a CUDA GPU")
     cores = len(os.sched_getaffinity(0))
     settings = [parse_setting(s) for s in args.loaders.split(",")]
-    stream = Runtime.start("cuda", "bf16", distributed=False).model_stream()  # alexpipe-train's
+    stream = priority_stream(torch.device("cuda"))  # as alexpipe-train's Runtime.model_stream
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
         b = args.batch_size

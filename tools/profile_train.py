@@ -11,9 +11,10 @@ model's stream against every other, i.e. DALI's) and from the host side:
   overlap                 the share of the model's kernel time with a loader kernel running
   host in run()           the share of the wall time the training thread spent in DALI's
                           Pipeline.run(), waiting for the next batch
-  CUDA calls              the costliest CUDA runtime/driver calls per step, the training
-                          thread's apart from all others' (DALI's): launches that take longer
-                          beside the loader, or synchronizing calls in DALI's threads
+  CUDA calls              the costliest CUDA runtime/driver calls per step, the model's
+                          threads' (those running aten ops: the training thread and autograd's
+                          backward thread) apart from all others' (DALI's): launches that take
+                          longer beside the loader, or synchronizing calls in DALI's threads
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/profile_train.py --out OUT [--arch torchvision]
 """
@@ -33,7 +34,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, train_loader
-from alexpipe.runtime import Runtime
+from alexpipe.runtime import Runtime, priority_stream
 from alexpipe.model import alexnet
 from alexpipe.train import train_step
 from bench_loader import endless
@@ -74,13 +75,10 @@ def summarize(trace: Path, label: str, steps: int, model_stream: int | None) -> 
 def api_calls(events, steps: int, top: int = 6) -> str:
     """The costliest CUDA runtime/driver calls, as 'name count x ms' per step, by thread kind."""
     calls = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e]
-    ops = {}
-    for e in events:  # the training thread is the one running aten ops
-        if e.get("cat") == "cpu_op":
-            ops[e["tid"]] = ops.get(e["tid"], 0) + 1
-    main = max(ops, key=ops.get) if ops else None
+    model = {e["tid"] for e in events if e.get("cat") == "cpu_op"}  # the training and backward threads
     parts = []
-    for label, keep in (("training thread", lambda e: e["tid"] == main), ("other threads", lambda e: e["tid"] != main)):
+    for label, keep in (("model's threads", lambda e: e["tid"] in model),
+                        ("DALI's threads", lambda e: e["tid"] not in model)):
         total = {}
         for e in filter(keep, calls):
             n, t = total.get(e["name"], (0, 0.0))
@@ -119,7 +117,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rt = Runtime.start("cuda", "bf16", distributed=False)
     if not args.default_stream:  # as alexpipe-train: the model's work on a highest-priority stream
-        torch.cuda.set_stream(rt.model_stream())
+        torch.cuda.set_stream(priority_stream(rt.device))
     model = alexnet(args.arch).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
     compiled = torch.compile(model)
