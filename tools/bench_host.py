@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode", action="store_true", help="no decoder cache: every batch decoded")
-    p.add_argument("--cases", default="default,pinned,graphs,pinned+graphs,priority,graphs+priority")
+    p.add_argument("--cases", default="default,pinned,graphs,pinned+graphs,priority,graphs+priority",
+                   help="comma-separated; each case a '+'-joined set of default, pinned, graphs, priority")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_host: needs a CUDA GPU")

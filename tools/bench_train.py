@@ -141,10 +141,10 @@ def cache_epochs(compiled, opt, out, b, setting, ceiling, stream, default_stream
     if default_stream:
         cases[1:1] = [(f"{name}, default stream", cache, None, torch.cuda.default_stream())
                       for name, cache in (("no cache", "off"), ("all", "gpu"))]
-    for name, cache, gb, on in cases:
+    for name, cache, gb, cuda_stream in cases:
         free0 = torch.cuda.mem_get_info()[0]
         data = loader(out, b, setting, cache=cache, cache_gb=gb, fixed_share=True)
-        rows[name] = [epoch_rate(compiled, opt, data, on) for _ in range(3)]
+        rows[name] = [epoch_rate(compiled, opt, data, cuda_stream) for _ in range(3)]
         used = (free0 - torch.cuda.mem_get_info()[0]) / 1e9
         print(f"  {name:<12} epoch 1 {rows[name][0]:7.0f}, epochs 2-3 {rows[name][1]:7.0f} {rows[name][2]:7.0f} "
               f"images/s = {rows[name][1] / ceiling:.2f} {rows[name][2] / ceiling:.2f} of (b); cache "
