@@ -68,13 +68,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode", action="store_true", help="no decoder cache: every batch decoded")
+    p.add_argument("--loader", default=f"{PIPELINES_GPU}x{THREADS_GPU}", help="pipelines x threads per pipeline")
     p.add_argument("--cases", default="default,pinned,graphs,pinned+graphs,priority,graphs+priority",
                    help="comma-separated; each case a '+'-joined set of default, pinned, graphs, priority")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_host: needs a CUDA GPU")
     b = args.batch_size
-    options = LoaderOptions(batch_size=b, verify=False, pipelines=PIPELINES_GPU, threads=THREADS_GPU,
+    pipes, threads = (int(v) for v in args.loader.split("x"))
+    options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads,
                             cache="off" if args.decode else "gpu")
     loader = train_loader(args.out, options, runtime=Runtime.start("cuda", "bf16", distributed=False))
     if not args.decode:
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     pin(False)
     what = "every image decoded" if args.decode else "every image cached"
     print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} cores; {args.arch} AlexNet, batch {b}, loader "
-          f"{PIPELINES_GPU} x {THREADS_GPU} with {what}; median of {args.repeats} x {args.steps} steps")
+          f"{pipes} x {threads} with {what}; median of {args.repeats} x {args.steps} steps")
     print("  ceiling (synthetic): " + ", ".join(f"{'CUDA graphs' if g else 'compiled'} {c:.0f}"
                                              for g, c in ceilings.items()) + " images/s")
     for case, t in timings.items():
