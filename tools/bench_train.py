@@ -45,38 +45,25 @@ IMAGENET_TRAIN = 1_281_167
 
 
 def rate(model, opt, batches, steps: int, warmup: int, stream=None) -> float:
-    """Images/s of `steps` steps, run (and the batches taken) on `stream`."""
+    """Images/s of `steps` steps after `warmup` untimed ones, run (and the batches taken) on `stream`."""
     with torch.cuda.stream(stream):
-        return _rate(model, opt, batches, steps, warmup)
-
-
-def _rate(model, opt, batches, steps: int, warmup: int) -> float:
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    torch.cuda.synchronize()  # what other streams queued (the model, its inputs) comes first
-    for _ in range(warmup):
-        x, y = next(batches)
-        train_step(model, x, y, opt, 0.01, scaler, torch.bfloat16)
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    for _ in range(steps):
-        x, y = next(batches)
-        train_step(model, x, y, opt, 0.01, scaler, torch.bfloat16)
-        n += len(y)
-    torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
+        timed(model, opt, itertools.islice(batches, warmup))
+        return timed(model, opt, itertools.islice(batches, steps))
 
 
 def epoch_rate(model, opt, loader, stream=None) -> float:
     """Images/s of one whole epoch, the reader's end-of-epoch drain included."""
     with torch.cuda.stream(stream):
-        return _epoch_rate(model, opt, loader)
+        return timed(model, opt, loader)
 
 
-def _epoch_rate(model, opt, loader) -> float:
+def timed(model, opt, batches) -> float:
+    """Images/s of a training step on each of `batches`, from a synchronized start (what other
+    streams queued, the model and its inputs, comes first) to a synchronized end."""
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     torch.cuda.synchronize()
     t0, n = time.perf_counter(), 0
-    for x, y in loader:
+    for x, y in batches:
         train_step(model, x, y, opt, 0.01, scaler, torch.bfloat16)
         n += len(y)
     torch.cuda.synchronize()
@@ -125,7 +112,7 @@ def fed_rates(compiled, opt, out, b, settings, echo, steps, repeats, stream, def
     for _ in range(repeats):
         for name, batches in streams.items():
             a[name].append(rate(compiled, opt, batches, steps, warmup=10, stream=cuda[name]))
-            d[name].append(float("nan") if name.endswith("default stream") else stream_rate(batches, steps, 10))
+            d[name].append(stream_rate(batches, steps, 10) if name in runs else float("nan"))  # nan: (d) above
     del streams, batches
     gc.collect()
     return a, d
