@@ -27,10 +27,13 @@ alexpipe-preview (main below) draws a grid of augmented training crops and one t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
+import queue
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,7 @@ class LoaderOptions:
     cache_gb: float | None = None  # default: the rank's share, or what is free less CACHE_RESERVE_GB
     fixed_share: bool = False  # each rank keeps one share of the samples (implied by a cache; see Layout)
     mmap: bool = True  # map the shards (their pages count in RSS) or read them (RSS stays flat; see read_shards)
+    handover: bool | None = None  # batches made on a thread of their own (see handed_over); default: with a cache
 
     def check(self) -> None:
         for name in ("batch_size", "prefetch", "echo", "initial_fill", "crop"):
@@ -86,7 +90,8 @@ class LoaderOptions:
         pipelines = (self.pipelines or (PIPELINES_GPU if rt.cuda else 1)) if train else 1
         threads = self.threads or (THREADS_GPU if rt.cuda else max(1, default_workers() // pipelines))
         if not train:
-            return dataclasses.replace(self, pipelines=1, threads=threads, echo=1, cache="off", fixed_share=False)
+            return dataclasses.replace(self, pipelines=1, threads=threads, echo=1, cache="off", fixed_share=False,
+                                       handover=False)
         return dataclasses.replace(self, pipelines=pipelines, threads=threads)
 
 
@@ -188,6 +193,10 @@ class DaliLoader:
     and lighting); the P pipelines' batches of one round are pooled, and each view's pool is
     shuffled and cut into P batches, so a batch never holds two views of one image and the K
     views of an image sit in K different batches of the round.
+
+    With options.handover, DALI's run(), the labels and the cast happen on a thread of their
+    own (handed_over), `prefetch` batches ahead, and state_dict() gives the state after the
+    last batch handed out: the pipelines' checkpoints are taken as each run returns.
     """
 
     def __init__(self, make_pipe, layout: Layout, options: LoaderOptions, rt: Runtime, *, train: bool,
@@ -195,7 +204,9 @@ class DaliLoader:
         pipelines, b = len(layout.ids), options.batch_size
         self.options, self.batch_size, self.rank_size = options, b, sum(layout.mine)
         self.echo, self.fixed_share = options.echo, layout.fixed
-        self.torch_dtype, self.channels_last = DTYPES[rt.precision][1], rt.channels_last
+        self.torch_dtype, self.channels_last, self.device = DTYPES[rt.precision][1], rt.channels_last, rt.device
+        self.handover = bool(options.handover)
+        self._checkpoints, self._handed = None, None  # with handover: per pipeline; the state handed out last
         # With pad_last_batch DALI pads every reader shard's range to the largest one, then to a
         # whole batch: that is the reader's epoch in every pipeline, and all of it must be consumed.
         self.reader_batches = math.ceil(layout.pad_to / b)
@@ -230,10 +241,21 @@ class DaliLoader:
         return self.length
 
     def state_dict(self) -> dict:
-        if self.echo > 1 and self.batch % (len(self.pipes) * self.echo):
+        state = self._handed or self._state()
+        if self.echo > 1 and state["batch"] % (len(self.pipes) * self.echo):
             raise ValueError("with echo, the loader state is exact only between rounds of pipelines x echo batches")
+        return state
+
+    def _state(self) -> dict:
+        dali = list(self._checkpoints) if self._checkpoints else [p.checkpoint() for p in self.pipes]
         return {"epoch": self.epoch, "batch": self.batch, "echo": self.echo, "fixed_share": self.fixed_share,
-                "dali": [p.checkpoint() for p in self.pipes]}
+                "dali": dali}
+
+    def _run(self, i: int):
+        outs = self.pipes[i].run()
+        if self._checkpoints:  # a handover thread runs ahead: keep the state that goes with this run
+            self._checkpoints[i] = self.pipes[i].checkpoint()
+        return outs
 
     @staticmethod
     def _torch(tl, keep: int | None = None) -> torch.Tensor:
@@ -249,18 +271,37 @@ class DaliLoader:
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:  # DALI wrote HWC: a permuted view is NCHW in channels_last memory
             x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.permute(0, 1, 4, 2, 3)
-        return x if x.dtype == self.torch_dtype else x.to(self.torch_dtype)
+        # handed over, a batch is torch's memory (DALI's own is released on the making thread's stream)
+        return x if x.dtype == self.torch_dtype and not self.handover else x.to(self.torch_dtype, copy=True)
 
     def __iter__(self):
-        yield from (self._single() if self.echo == 1 else self._echoed())
-        for pipe in self.pipes:  # the dropped remainder and the padding, to end each reader's epoch
+        if not self.handover:
+            yield from self._epoch()
+            return
+        if self._handed:
+            raise ValueError("this loader's epoch was left mid-way while its handover thread ran ahead: "
+                             "continue from its state_dict() in a new loader")
+        self._checkpoints = [p.checkpoint() for p in self.pipes]
+        try:
+            for batch, state in handed_over(self._epoch(states=True), self.device, depth=self.options.prefetch):
+                self._handed = state
+                yield batch
+            self._handed = None  # the epoch is over: the pipelines stand where the state says
+        finally:
+            self._checkpoints = None
+
+    def _epoch(self, states: bool = False):
+        """One epoch's batches (with `states`, each with the loader's state after it)."""
+        for batch in self._single() if self.echo == 1 else self._echoed():
+            yield (batch, self._state()) if states else batch
+        for i in range(len(self.pipes)):  # the dropped remainder and the padding, to end each reader's epoch
             for _ in range(self.runs // len(self.pipes), self.reader_batches):
-                pipe.run()
+                self._run(i)
         self.epoch, self.batch = self.epoch + 1, 0
 
     def _single(self):
         for b in range(self.batch, self.length):
-            outs = self.pipes[b % len(self.pipes)].run()
+            outs = self._run(b % len(self.pipes))
             keep = min(self.batch_size, self.rank_size - b * self.batch_size)  # eval's last batch: no padding
             batch = (self._images(self._torch(outs[0], keep)), parse_labels(self._torch(outs[1], keep)))
             self.batch = b + 1
@@ -269,7 +310,7 @@ class DaliLoader:
     def _echoed(self):
         per_round, labels_at = len(self.pipes) * self.echo, self.echo
         for r in range(self.batch // per_round, self.length // per_round):
-            outs = [pipe.run() for pipe in self.pipes]
+            outs = [self._run(i) for i in range(len(self.pipes))]
             labels = torch.cat([parse_labels(self._torch(o[labels_at])) for o in outs])
             sources = [s for o in outs for s in self._strings(o[labels_at + 1])] if self.options.sources else None
             gen = torch.Generator(labels.device).manual_seed(hash((self.options.seed, self.epoch, r)) % 2**62)
@@ -280,6 +321,59 @@ class DaliLoader:
                     self.batch += 1
                     batch = (self._images(views[part]), labels[part])
                     yield (*batch, [sources[i] for i in part.tolist()]) if self.options.sources else batch
+
+
+_END = object()
+
+
+def handed_over(items, device: torch.device, depth: int):
+    """`items` ((batch, state) pairs) made on a thread of their own, at most `depth` ahead, so that
+    the training thread only issues the model's work: beside a decoder cache, DALI's run() and
+    the batch's own kernels on the training thread cost ~5% of a torchvision AlexNet step
+    (docs/benchmarks.md, 0.2.4). On a GPU the thread makes them on a CUDA stream of its own and
+    each batch is handed over ordered before the consumer's current stream; an error there is
+    raised here. Stopping early stops the thread."""
+    q, stop = queue.Queue(depth), threading.Event()
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                q.put(item, timeout=0.1)
+                return True
+        return False
+
+    def work():
+        try:
+            with (torch.cuda.device(device), torch.cuda.stream(side)) if side else contextlib.nullcontext():
+                for batch, state in items:
+                    done = side.record_event() if side else None
+                    if not put((batch, state, done)):
+                        return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - the consumer raises it
+            put(e)
+
+    thread = threading.Thread(target=work, name="alexpipe-handover", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            batch, state, done = item
+            if done is not None:
+                here = torch.cuda.current_stream(device)
+                here.wait_event(done)
+                for t in batch:
+                    if isinstance(t, torch.Tensor):
+                        t.record_stream(here)  # the allocator keeps it until this stream is done with it
+            yield batch, state
+    finally:
+        stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+            thread.join(0.01)
 
 
 CACHE_RESERVE_GB = 16.0  # GPU memory left to the model, DALI's buffers and the eval loader
@@ -336,6 +430,8 @@ def train_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime
     `log` (print, say) gets the line on the decoder cache."""
     data, rt, o, shards = open_split(data, runtime, options, split, train=True)
     cache_gb, note = plan_cache(o, cache_gb_needed(shards, rt.rank, rt.world), rt)
+    if o.handover is None:  # measured to pay beside a cache only (docs/benchmarks.md, 0.2.4)
+        o = dataclasses.replace(o, handover=cache_gb > 0)
     if log and o.cache != "off":
         log(note)
     tmp = None

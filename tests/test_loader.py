@@ -397,6 +397,39 @@ def test_echo_and_fixed_share_resume_exactly(unique_out):
         make(state=first.state_dict(), fixed_share=False)
 
 
+@pytest.mark.parametrize("echo", [1, 2])
+def test_handover_gives_the_same_batches_and_states(unique_out, echo):
+    """Batches made on the handover thread equal, bit for bit, those made on the caller's, over
+    epochs; its state mid-epoch resumes exactly though the thread has run ahead; a loader left
+    mid-epoch refuses to go on; an error on the thread is raised to the caller."""
+    def make(handover, state=None):
+        options = LoaderOptions(batch_size=8, pipelines=2, echo=echo, initial_fill=16, handover=handover)
+        return train_loader(unique_out, options, runtime=cpu(), state=state)
+
+    def whole(loader, epochs):
+        return [[(y.clone(), x.clone()) for x, y in loader] for _ in range(epochs)]
+
+    plain = whole(make(False), 2)
+    assert all(equal_batches(a, b) for a, b in zip(whole(make(True), 2), plain))
+    mid, steps = make(True), 2 * echo  # one round of 2 pipelines x echo views
+    it = iter(mid)
+    taken = [next(it) for _ in range(steps)]
+    assert equal_batches([(y, x) for x, y in taken], plain[0][:steps])
+    rest = whole(make(True, state=mid.state_dict()), 2)
+    assert equal_batches(rest[0], plain[0][steps:]) and equal_batches(rest[1], plain[1])
+    del it
+    with pytest.raises(ValueError, match="left mid-way"):
+        next(iter(mid))
+    broken = make(True)
+    broken.pipes[1].run = lambda: (_ for _ in ()).throw(RuntimeError("shard unreadable"))
+    with pytest.raises(RuntimeError, match="shard unreadable"):
+        whole(broken, 1)
+
+
+def equal_batches(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(ya, yb) and torch.equal(xa, xb) for (ya, xa), (yb, xb) in zip(a, b))
+
+
 def test_sources_name_each_batch_sample(unique_out):
     """sources=True: every sample's "tar:offset:key.jpg", whose .cls is its label; an epoch
     names each sample once (train with echo 2: twice), eval in stored order."""

@@ -11,6 +11,14 @@ cache (so no JPEG is decoded; with --decode, no cache: every image decoded) in s
   graphs      torch.compile(mode="reduce-overhead"): one CUDA graph replay a step
   priority    the model's step (and the batch's cast) on a highest-priority CUDA stream, so
               that the GPU runs its kernels before the loader's where both wait (alexpipe-train)
+  yield       every thread waiting for the GPU (the loader's ~one event synchronize an image
+              included) yields its core while it spins, rather than spinning (CUDA's choice with
+              fewer contexts than cores)
+  blocking    every such thread sleeps until the GPU wakes it
+  thread      batches taken from the loader (DALI's run(), the cast, the labels) on a thread of
+              their own, two ahead, so that the training thread only issues the model's work
+  greenN      the model's step on a highest-priority stream of a CUDA green context of N SMs,
+              so that the others are always free for the loader's small kernels
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_host.py --out OUT [--arch torchvision] [--decode]
 """
@@ -18,8 +26,11 @@ cache (so no JPEG is decoded; with --decode, no cache: every image decoded) in s
 from __future__ import annotations
 
 import argparse
+import ctypes
 import itertools
 import os
+import queue
+import re
 import statistics
 import sys
 import threading
@@ -34,7 +45,77 @@ from bench_loader import endless
 from profile_model import training_step
 
 
-def rate(step, batches, steps: int, warmup: int = 10) -> float:
+PARTS = ("default", "pinned", "graphs", "priority", "yield", "blocking", "thread")
+
+
+def threaded(batches, n: int, depth: int = 2):
+    """The next `n` of `batches`, taken on a thread of their own (its own CUDA stream), `depth`
+    ahead; each handed over once the consumer's current stream is ordered after it."""
+    q, side = queue.Queue(depth), torch.cuda.Stream()
+
+    def work():
+        with torch.cuda.stream(side):
+            for x, y in itertools.islice(batches, n):
+                done = torch.cuda.Event()
+                done.record(side)
+                q.put((x, y, done))
+
+    threading.Thread(target=work, daemon=True).start()
+    for _ in range(n):
+        x, y, done = q.get()
+        here = torch.cuda.current_stream()
+        here.wait_event(done)
+        x.record_stream(here)  # the allocator keeps them until this stream is done with them
+        y.record_stream(here)
+        yield x, y
+
+
+def green_stream(device: torch.device, sms: int) -> torch.cuda.ExternalStream:
+    """A new highest-priority CUDA stream whose kernels run on `sms` of the GPU's SMs only (a
+    CUDA green context of them), so that the other SMs are always free for the loader's small
+    kernels. The stream keeps its context alive; `.sms` says how many SMs it got."""
+    torch.cuda.synchronize(device)  # the primary context exists and is current
+    lib = ctypes.CDLL("libcuda.so.1")
+
+    def check(name, *args):
+        if err := getattr(lib, name)(*args):
+            raise RuntimeError(f"{name} failed with CUDA driver error {err}")
+
+    dev, n, desc, green, handle = ctypes.c_int(), ctypes.c_uint(1), ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    whole, part, rest = (ctypes.create_string_buffer(1024) for _ in range(3))  # CUdevResource, ~150 bytes
+    check("cuDeviceGet", ctypes.byref(dev), device.index or 0)
+    check("cuDeviceGetDevResource", dev, whole, 1)  # CU_DEV_RESOURCE_TYPE_SM
+    check("cuDevSmResourceSplitByCount", part, ctypes.byref(n), whole, rest, 0, sms)
+    check("cuDevResourceGenerateDesc", ctypes.byref(desc), part, 1)
+    check("cuGreenCtxCreate", ctypes.byref(green), desc, dev, 1)  # CU_GREEN_CTX_DEFAULT_STREAM
+    priority = torch.cuda.Stream.priority_range()[1]
+    check("cuGreenCtxStreamCreate", ctypes.byref(handle), green, 1, ctypes.c_int(priority))  # non-blocking
+    stream = torch.cuda.ExternalStream(handle.value, device=device)
+    stream.green, stream.sms = green, int.from_bytes(part.raw[96:100], "little")  # CUdevResource.sm.smCount
+    return stream
+
+
+SYNC_MODES = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}  # the driver's CU_CTX_SCHED_* flags
+
+
+def cuda_sync(mode: str) -> str:
+    """Set how every host thread of this process waits for the GPU (an event's or a stream's
+    synchronize) on the current device's context, the loader's threads included: "spin" (what
+    CUDA's "auto" picks with fewer contexts than cores), "yield" the core while spinning, or
+    "blocking" (sleep until woken). Returns the mode it replaced."""
+    torch.cuda.synchronize()  # the context is made current on this thread
+    lib, flags = ctypes.CDLL("libcuda.so.1"), ctypes.c_uint()
+    if err := lib.cuCtxGetFlags(ctypes.byref(flags)):
+        raise RuntimeError(f"cuCtxGetFlags failed with CUDA driver error {err}")
+    if err := lib.cuCtxSetFlags(ctypes.c_uint(flags.value & ~7 | SYNC_MODES[mode])):
+        raise RuntimeError(f"cuCtxSetFlags failed with CUDA driver error {err}")
+    return {v: k for k, v in SYNC_MODES.items()}[flags.value & 7]
+
+
+WARMUP = 10
+
+
+def rate(step, batches, steps: int, warmup: int = WARMUP) -> float:
     torch.cuda.synchronize()  # what other streams queued (the model, its inputs) comes first
     for _ in range(warmup):
         step(*next(batches))
@@ -70,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode", action="store_true", help="no decoder cache: every batch decoded")
     p.add_argument("--loader", default=f"{PIPELINES_GPU}x{THREADS_GPU}", help="pipelines x threads per pipeline")
     p.add_argument("--cases", default="default,pinned,graphs,pinned+graphs,priority,graphs+priority",
-                   help="comma-separated; each case a '+'-joined set of default, pinned, graphs, priority")
+                   help="comma-separated; each case a '+'-joined set of " + ", ".join(PARTS))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_host: needs a CUDA GPU")
@@ -84,7 +165,7 @@ def main(argv=None) -> int:
             pass
     stream = endless(loader)
     cases = {case: set(case.split("+")) for case in args.cases.split(",")}
-    if unknown := set().union(*cases.values()) - {"default", "pinned", "graphs", "priority"}:
+    if unknown := {p for p in set().union(*cases.values()) - set(PARTS) if not re.fullmatch(r"green\d+", p)}:
         sys.exit(f"bench_host: unknown case part(s) {', '.join(sorted(unknown))} in --cases")
     high = priority_stream(torch.device("cuda"))  # as alexpipe-train's Runtime.model_stream
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
@@ -93,13 +174,23 @@ def main(argv=None) -> int:
              for graphs in sorted({False, any("graphs" in parts for parts in cases.values())})}
     ceilings = {g: statistics.median(rate(s, itertools.repeat((x, y)), args.steps, warmup=30) for _ in range(3))
                 for g, s in steps.items()}
+    greens = {p: green_stream(torch.device("cuda"), int(p[5:])) for p in sorted(set().union(*cases.values()))
+              if p.startswith("green")}
+    for p, g in greens.items():
+        with torch.cuda.stream(g):
+            c = rate(steps[False], itertools.repeat((x, y)), args.steps, warmup=30)
+        print(f"{p}: a green context of {g.sms} SMs; the model alone there {c:.0f} images/s", flush=True)
     timings = {case: [] for case in cases}
     for _ in range(args.repeats):
         for case, parts in cases.items():
             pin("pinned" in parts)
-            with torch.cuda.stream(high if "priority" in parts else None):
-                timings[case].append(rate(steps["graphs" in parts], stream, args.steps))
+            cuda_sync(next((m for m in ("yield", "blocking") if m in parts), "auto"))
+            green = next((greens[p] for p in parts if p in greens), None)
+            with torch.cuda.stream(green or (high if "priority" in parts else None)):
+                src = threaded(stream, args.steps + WARMUP) if "thread" in parts else stream
+                timings[case].append(rate(steps["graphs" in parts], src, args.steps))
     pin(False)
+    cuda_sync("auto")
     what = "every image decoded" if args.decode else "every image cached"
     print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} cores; {args.arch} AlexNet, batch {b}, loader "
           f"{pipes} x {threads} with {what}; median of {args.repeats} x {args.steps} steps")
@@ -108,7 +199,7 @@ def main(argv=None) -> int:
     for case, t in timings.items():
         m = statistics.median(t)
         print(f"  {case:<16} {m:8.0f} images/s = {m / ceilings[False]:.2f} of the compiled ceiling "
-              f"(timings {min(t):.0f}-{max(t):.0f})")
+              f"(timings in order {', '.join(f'{v:.0f}' for v in t)})")
     return 0
 
 

@@ -10,7 +10,9 @@ channels_last, fused SGD, batch --batch-size, in one run:
   (d) each loader alone, no model running: an upper bound on (a).
 (a) and (d) are timed in interleaved rounds (drift hits every setting alike), medians of
 --repeats. With --cache, whole epochs: without a cache, and with DALI's GPU decoder cache
-holding all or half of the set (epoch 1 fills it; epochs 2-3 read it). The model runs on a
+holding all or half of the set (epoch 1 fills it; epochs 2-3 read it), batches handed over
+from the loader's own thread as by default with a cache, and all of it once more without that
+handover (LoaderOptions.handover=False). The model runs on a
 highest-priority CUDA stream, as in alexpipe-train (Runtime.model_stream); --default-stream
 also times (a) and the epochs without and with the whole cache on torch's default stream (as
 alexpipe-train before 0.2.3). Prints images/s, ratios to (b), and the projected hours of 90
@@ -123,17 +125,17 @@ def cache_epochs(compiled, opt, out, b, setting, ceiling, stream, default_stream
     default_stream, without and with all of it, the model on torch's default stream)."""
     need = cache_gb_needed(Prepared.open(out).split("train"), 0, 1)
     rows = {}
-    cases = [("no cache", "off", None, stream), ("cache, all", "gpu", None, stream),
-             ("cache, half", "gpu", need / 2, stream)]
+    cases = [("no cache", "off", None, stream, None), ("cache, all", "gpu", None, stream, None),
+             ("all, no handover", "gpu", None, stream, False), ("cache, half", "gpu", need / 2, stream, None)]
     if default_stream:
-        cases[1:1] = [(f"{name}, default stream", cache, None, torch.cuda.default_stream())
+        cases[1:1] = [(f"{name}, default stream", cache, None, torch.cuda.default_stream(), None)
                       for name, cache in (("no cache", "off"), ("all", "gpu"))]
-    for name, cache, gb, cuda_stream in cases:
+    for name, cache, gb, cuda_stream, handover in cases:
         free0 = torch.cuda.mem_get_info()[0]
-        data = loader(out, b, setting, cache=cache, cache_gb=gb, fixed_share=True)
+        data = loader(out, b, setting, cache=cache, cache_gb=gb, fixed_share=True, handover=handover)
         rows[name] = [epoch_rate(compiled, opt, data, cuda_stream) for _ in range(3)]
         used = (free0 - torch.cuda.mem_get_info()[0]) / 1e9
-        print(f"  {name:<12} epoch 1 {rows[name][0]:7.0f}, epochs 2-3 {rows[name][1]:7.0f} {rows[name][2]:7.0f} "
+        print(f"  {name:<16} epoch 1 {rows[name][0]:7.0f}, epochs 2-3 {rows[name][1]:7.0f} {rows[name][2]:7.0f} "
               f"images/s = {rows[name][1] / ceiling:.2f} {rows[name][2] / ceiling:.2f} of (b); cache "
               f"{data.cache_gb:.1f} GB (set needs {need:.1f}); GPU memory taken while loaded {used:.1f} GB", flush=True)
         del data

@@ -16,7 +16,7 @@ model's stream against every other, i.e. DALI's) and from the host side:
                           backward thread) apart from all others' (DALI's): launches that take
                           longer beside the loader, or synchronizing calls in DALI's threads
 
-  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/profile_train.py --out OUT [--arch torchvision]
+  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/profile_train.py --out OUT [--arch torchvision] [--cache]
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--save", type=Path, default=None, help="keep the gzipped traces in this folder")
+    p.add_argument("--cache", action="store_true", help="every image in the decoder cache first (no decoding)")
     p.add_argument("--default-stream", action="store_true",
                    help="the model on torch's default stream (alexpipe-train before 0.2.3), not a highest-priority one")
     args = p.parse_args(argv)
@@ -124,15 +125,19 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
-    options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads, hw_decoder_load=float(load or 1.0))
+    options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads, hw_decoder_load=float(load or 1.0),
+                            cache="gpu" if args.cache else "off")
     loader = train_loader(args.out, options, runtime=rt)
+    if args.cache:
+        for _ in loader:  # epoch 1 fills the cache
+            pass
     for pipe in loader.pipes:  # mark the host's waits for DALI in the trace
         pipe.run = marked(pipe.run)
     stream = endless(loader)
     for _ in range(30):
         train_step(compiled, *next(stream), opt, 0.01, scaler, torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}, {len(os.sched_getaffinity(0))} cores; {args.arch} AlexNet, batch {b}, "
-          f"loader {args.loader}, model on {'the default' if args.default_stream else 'a highest-priority'} "
+          f"loader {args.loader}{', every image cached' if args.cache else ''}, model on {'the default' if args.default_stream else 'a highest-priority'} "
           f"stream; CUDA_DEVICE_MAX_CONNECTIONS="
           f"{os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset (8)')}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
