@@ -345,7 +345,7 @@ def handed_over(items, device: torch.device, depth: int):
 
     def work():
         try:
-            with (torch.cuda.device(device), torch.cuda.stream(side)) if side else contextlib.nullcontext():
+            with torch.cuda.device(device) if side else contextlib.nullcontext(), torch.cuda.stream(side):
                 for batch, state in items:
                     done = side.record_event() if side else None
                     if not put((batch, state, done)):
