@@ -282,12 +282,14 @@ class DaliLoader:
             raise ValueError("this loader's epoch was left mid-way while its handover thread ran ahead: "
                              "continue from its state_dict() in a new loader")
         self._checkpoints = [p.checkpoint() for p in self.pipes]
+        batches = handed_over(self._epoch(states=True), self.device, depth=self.options.prefetch)
         try:
-            for batch, state in handed_over(self._epoch(states=True), self.device, depth=self.options.prefetch):
+            for batch, state in batches:
                 self._handed = state
                 yield batch
             self._handed = None  # the epoch is over: the pipelines stand where the state says
         finally:
+            batches.close()  # the thread has stopped before the checkpoints are let go
             self._checkpoints = None
 
     def _epoch(self, states: bool = False):

@@ -17,6 +17,7 @@ cache (so no JPEG is decoded; with --decode, no cache: every image decoded) in s
   blocking    every such thread sleeps until the GPU wakes it
   thread      batches taken from the loader (DALI's run(), the cast, the labels) on a thread of
               their own, two ahead, so that the training thread only issues the model's work
+              (the loader's handover, here around a loader without it)
   greenN      the model's step on a highest-priority stream of a CUDA green context of N SMs,
               so that the others are always free for the loader's small kernels
 
@@ -29,7 +30,6 @@ import argparse
 import ctypes
 import itertools
 import os
-import queue
 import re
 import statistics
 import sys
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, train_loader
+from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, handed_over, train_loader
 from alexpipe.runtime import Runtime, priority_stream
 from bench_loader import endless
 from profile_model import training_step
@@ -48,26 +48,10 @@ from profile_model import training_step
 PARTS = ("default", "pinned", "graphs", "priority", "yield", "blocking", "thread")
 
 
-def threaded(batches, n: int, depth: int = 2):
-    """The next `n` of `batches`, taken on a thread of their own (its own CUDA stream), `depth`
-    ahead; each handed over once the consumer's current stream is ordered after it."""
-    q, side = queue.Queue(depth), torch.cuda.Stream()
-
-    def work():
-        with torch.cuda.stream(side):
-            for x, y in itertools.islice(batches, n):
-                done = torch.cuda.Event()
-                done.record(side)
-                q.put((x, y, done))
-
-    threading.Thread(target=work, daemon=True).start()
-    for _ in range(n):
-        x, y, done = q.get()
-        here = torch.cuda.current_stream()
-        here.wait_event(done)
-        x.record_stream(here)  # the allocator keeps them until this stream is done with them
-        y.record_stream(here)
-        yield x, y
+def threaded(batches, n: int):
+    """The next `n` of `batches`, made on the loader's handover thread (loader.handed_over)."""
+    items = ((batch, None) for batch in itertools.islice(batches, n))
+    return (batch for batch, _ in handed_over(items, torch.device("cuda"), depth=2))
 
 
 def green_stream(device: torch.device, sms: int) -> torch.cuda.ExternalStream:
@@ -81,7 +65,8 @@ def green_stream(device: torch.device, sms: int) -> torch.cuda.ExternalStream:
         if err := getattr(lib, name)(*args):
             raise RuntimeError(f"{name} failed with CUDA driver error {err}")
 
-    dev, n, desc, green, handle = ctypes.c_int(), ctypes.c_uint(1), ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    dev, n = ctypes.c_int(), ctypes.c_uint(1)
+    desc, green, handle = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
     whole, part, rest = (ctypes.create_string_buffer(1024) for _ in range(3))  # CUdevResource, ~150 bytes
     check("cuDeviceGet", ctypes.byref(dev), device.index or 0)
     check("cuDeviceGetDevResource", dev, whole, 1)  # CU_DEV_RESOURCE_TYPE_SM
@@ -158,7 +143,7 @@ def main(argv=None) -> int:
     b = args.batch_size
     pipes, threads = (int(v) for v in args.loader.split("x"))
     options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads,
-                            cache="off" if args.decode else "gpu")
+                            cache="off" if args.decode else "gpu", handover=False)  # the thread is a case
     loader = train_loader(args.out, options, runtime=Runtime.start("cuda", "bf16", distributed=False))
     if not args.decode:
         for _ in loader:  # epoch 1 fills the cache

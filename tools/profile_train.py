@@ -9,8 +9,13 @@ model's stream against every other, i.e. DALI's) and from the host side:
                           crop/normalize); the hardware JPEG engines run outside the SMs
   model stream idle       the share of the wall time with no model kernel running
   overlap                 the share of the model's kernel time with a loader kernel running
-  host in run()           the share of the wall time the training thread spent in DALI's
-                          Pipeline.run(), waiting for the next batch
+  host in run()           the share of the wall time spent in DALI's Pipeline.run(), waiting
+                          for the next batch: on the training thread, or with --cache on the
+                          loader's handover thread (its default beside a cache)
+  idle: host late         of the model stream's idle time, the part before a kernel whose
+                          launch call had not yet returned (the host issues too slowly), and
+                          the part before kernels already launched (waiting on the GPU: for a
+                          batch from DALI's stream, or for SMs)
   CUDA calls              the costliest CUDA runtime/driver calls per step, the model's
                           threads' (those running aten ops: the training thread and autograd's
                           backward thread) apart from all others' (DALI's): launches that take
@@ -69,7 +74,26 @@ def summarize(trace: Path, label: str, steps: int, model_stream: int | None) -> 
           f"ms/step  loader kernels {union(other) / 1e3 / steps:6.2f} ms/step  model stream idle "
           f"{1 - union(mine) / wall:5.1%}  overlap {overlap(mine, other) / max(union(mine), 1):5.1%}  host in run() "
           f"{sum(runs) / wall:5.1%}  ({len(other)} loader kernels/copies, {len(mine)} model)", flush=True)
+    late, waiting = idle_causes(events, model_stream)
+    print(f"    model stream idle: host late {late / 1e3 / steps:.2f} ms/step, launched but waiting "
+          f"{waiting / 1e3 / steps:.2f} ms/step", flush=True)
     print("    CUDA calls ms/step: " + api_calls(events, steps), flush=True)
+
+
+def idle_causes(events, model_stream) -> tuple[float, float]:
+    """The model stream's gaps (us) split at the end of the next kernel's launch call: before it
+    the host was late, after it the launched kernel waited on the GPU."""
+    launches = {e["args"]["correlation"]: e["ts"] + e["dur"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    mine = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e
+                   and e["args"].get("stream") == model_stream), key=lambda e: e["ts"])
+    late = waiting = 0.0
+    for a, b in zip(mine, mine[1:]):
+        end, gap = a["ts"] + a["dur"], b["ts"] - a["ts"] - a["dur"]
+        if gap > 0:
+            host = min(gap, max(0.0, launches.get(b["args"].get("correlation"), end) - end))
+            late, waiting = late + host, waiting + gap - host
+    return late, waiting
 
 
 def api_calls(events, steps: int, top: int = 6) -> str:
@@ -125,8 +149,8 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
-    options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads, hw_decoder_load=float(load or 1.0),
-                            cache="gpu" if args.cache else "off")
+    options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads,
+                            hw_decoder_load=float(load or 1.0), cache="gpu" if args.cache else "off")
     loader = train_loader(args.out, options, runtime=rt)
     if args.cache:
         for _ in loader:  # epoch 1 fills the cache
@@ -137,7 +161,8 @@ def main(argv=None) -> int:
     for _ in range(30):
         train_step(compiled, *next(stream), opt, 0.01, scaler, torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}, {len(os.sched_getaffinity(0))} cores; {args.arch} AlexNet, batch {b}, "
-          f"loader {args.loader}{', every image cached' if args.cache else ''}, model on {'the default' if args.default_stream else 'a highest-priority'} "
+          f"loader {args.loader}{', every image cached' if args.cache else ''}, model on "
+          f"{'the default' if args.default_stream else 'a highest-priority'} "
           f"stream; CUDA_DEVICE_MAX_CONNECTIONS="
           f"{os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset (8)')}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
