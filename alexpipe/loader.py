@@ -196,7 +196,8 @@ class DaliLoader:
 
     With options.handover, DALI's run(), the labels and the cast happen on a thread of their
     own (handed_over), `prefetch` batches ahead, and state_dict() gives the state after the
-    last batch handed out: the pipelines' checkpoints are taken as each run returns.
+    last batch handed out: the pipelines' checkpoints are taken as each run returns. An epoch
+    left mid-way (the thread having run ahead) then goes on only in a new loader from that state.
     """
 
     def __init__(self, make_pipe, layout: Layout, options: LoaderOptions, rt: Runtime, *, train: bool,
@@ -206,7 +207,8 @@ class DaliLoader:
         self.echo, self.fixed_share = options.echo, layout.fixed
         self.torch_dtype, self.channels_last, self.device = DTYPES[rt.precision][1], rt.channels_last, rt.device
         self.handover = bool(options.handover)
-        self._checkpoints, self._handed = None, None  # with handover: per pipeline; the state handed out last
+        # with handover: checkpoints per pipeline, the state handed out last, the epoch's handed_over
+        self._checkpoints, self._handed, self._active = None, None, None
         # With pad_last_batch DALI pads every reader shard's range to the largest one, then to a
         # whole batch: that is the reader's epoch in every pipeline, and all of it must be consumed.
         self.reader_batches = math.ceil(layout.pad_to / b)
@@ -278,11 +280,13 @@ class DaliLoader:
         if not self.handover:
             yield from self._epoch()
             return
-        if self._handed:
+        if self._active:  # an epoch left unfinished: its thread stops (having ended the epoch, or not)
+            self._active.close()
+        if self._handed and (self._handed["batch"], self.epoch) != (self.length, self._handed["epoch"] + 1):
             raise ValueError("this loader's epoch was left mid-way while its handover thread ran ahead: "
                              "continue from its state_dict() in a new loader")
-        self._checkpoints = [p.checkpoint() for p in self.pipes]
-        batches = handed_over(self._epoch(states=True), self.device, depth=self.options.prefetch)
+        self._handed, self._checkpoints = None, [p.checkpoint() for p in self.pipes]
+        self._active = batches = handed_over(self._epoch(states=True), self.device, depth=self.options.prefetch)
         try:
             for batch, state in batches:
                 self._handed = state
@@ -290,7 +294,8 @@ class DaliLoader:
             self._handed = None  # the epoch is over: the pipelines stand where the state says
         finally:
             batches.close()  # the thread has stopped before the checkpoints are let go
-            self._checkpoints = None
+            if self._active is batches:  # (a later epoch may have started since)
+                self._active, self._checkpoints = None, None
 
     def _epoch(self, states: bool = False):
         """One epoch's batches (with `states`, each with the loader's state after it)."""
@@ -329,12 +334,12 @@ _END = object()
 
 
 def handed_over(items, device: torch.device, depth: int):
-    """`items` ((batch, state) pairs) made on a thread of their own, at most `depth` ahead, so that
-    the training thread only issues the model's work: beside a decoder cache, DALI's run() and
-    the batch's own kernels on the training thread cost ~5% of a torchvision AlexNet step
-    (docs/benchmarks.md, 0.2.4). On a GPU the thread makes them on a CUDA stream of its own and
-    each batch is handed over ordered before the consumer's current stream; an error there is
-    raised here. Stopping early stops the thread."""
+    """`items` ((batch, state) pairs) made on a thread of their own (`depth` queued, one more
+    waiting to be, one being made), so that the training thread only issues the model's work:
+    beside a decoder cache, DALI's run() and the batch's own kernels on the training thread cost
+    ~5% of a torchvision AlexNet step (docs/benchmarks.md, 0.2.4). On a GPU the thread makes
+    them on a CUDA stream of its own and each batch is handed over ordered before the consumer's
+    current stream; an error there is raised here. Stopping early stops the thread."""
     q, stop = queue.Queue(depth), threading.Event()
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -347,7 +352,9 @@ def handed_over(items, device: torch.device, depth: int):
 
     def work():
         try:
-            with torch.cuda.device(device) if side else contextlib.nullcontext(), torch.cuda.stream(side):
+            # (torch.cuda.stream(None) would start CUDA on a machine with a GPU even for a CPU loader)
+            with (torch.cuda.device(device) if side else contextlib.nullcontext(),
+                  torch.cuda.stream(side) if side else contextlib.nullcontext()):
                 for batch, state in items:
                     done = side.record_event() if side else None
                     if not put((batch, state, done)):

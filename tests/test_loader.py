@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -415,11 +416,18 @@ def test_handover_gives_the_same_batches_and_states(unique_out, echo):
     it = iter(mid)
     taken = [next(it) for _ in range(steps)]
     assert equal_batches([(y, x) for x, y in taken], plain[0][:steps])
+    deadline = time.time() + 60
+    while mid.batch <= steps and time.time() < deadline:  # the thread runs ahead of what was taken
+        time.sleep(0.01)
+    assert mid.batch > steps
     rest = whole(make(True, state=mid.state_dict()), 2)
     assert equal_batches(rest[0], plain[0][steps:]) and equal_batches(rest[1], plain[1])
     del it
     with pytest.raises(ValueError, match="left mid-way"):
         next(iter(mid))
+    exact = make(True)  # an epoch taken to its last batch without asking for more is over
+    assert len(list(zip(range(len(exact)), exact))) == len(plain[0])
+    assert equal_batches(whole(exact, 1)[0], plain[1])
     broken = make(True)
     broken.pipes[1].run = lambda: (_ for _ in ()).throw(RuntimeError("shard unreadable"))
     with pytest.raises(RuntimeError, match="shard unreadable"):

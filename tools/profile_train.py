@@ -9,9 +9,10 @@ model's stream against every other, i.e. DALI's) and from the host side:
                           crop/normalize); the hardware JPEG engines run outside the SMs
   model stream idle       the share of the wall time with no model kernel running
   overlap                 the share of the model's kernel time with a loader kernel running
-  host in run()           the share of the wall time spent in DALI's Pipeline.run(), waiting
-                          for the next batch: on the training thread, or with --cache on the
-                          loader's handover thread (its default beside a cache)
+  host in run()           the share of the wall time the training thread spent in DALI's
+                          Pipeline.run(), waiting for the next batch (the loader's handover,
+                          its default beside a cache, is off here: the profiler records only
+                          the thread that starts it)
   idle: host late         of the model stream's idle time, the part before a kernel whose
                           launch call had not yet returned (the host issues too slowly), and
                           the part before kernels already launched (waiting on the GPU: for a
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
     options = LoaderOptions(batch_size=b, verify=False, pipelines=pipes, threads=threads,
-                            hw_decoder_load=float(load or 1.0), cache="gpu" if args.cache else "off")
+                            hw_decoder_load=float(load or 1.0), cache="gpu" if args.cache else "off",
+                            handover=False)
     loader = train_loader(args.out, options, runtime=rt)
     if args.cache:
         for _ in loader:  # epoch 1 fills the cache
