@@ -256,6 +256,7 @@ class DaliLoader:
     def _run(self, i: int):
         outs = self.pipes[i].run()
         if self._checkpoints:  # a handover thread runs ahead: keep the state that goes with this run
+            # (one checkpoint a run, rather than every pipeline's with every batch)
             self._checkpoints[i] = self.pipes[i].checkpoint()
         return outs
 

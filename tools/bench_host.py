@@ -54,27 +54,27 @@ def threaded(batches, n: int):
     return (batch for batch, _ in handed_over(items, torch.device("cuda"), depth=2))
 
 
+def driver(name: str, *args) -> None:
+    """Call the CUDA driver's `name`; a failure raises with its error code."""
+    if err := getattr(ctypes.CDLL("libcuda.so.1"), name)(*args):
+        raise RuntimeError(f"{name} failed with CUDA driver error {err}")
+
+
 def green_stream(device: torch.device, sms: int) -> torch.cuda.ExternalStream:
     """A new highest-priority CUDA stream whose kernels run on `sms` of the GPU's SMs only (a
     CUDA green context of them), so that the other SMs are always free for the loader's small
     kernels. The stream keeps its context alive; `.sms` says how many SMs it got."""
     torch.cuda.synchronize(device)  # the primary context exists and is current
-    lib = ctypes.CDLL("libcuda.so.1")
-
-    def check(name, *args):
-        if err := getattr(lib, name)(*args):
-            raise RuntimeError(f"{name} failed with CUDA driver error {err}")
-
     dev, n = ctypes.c_int(), ctypes.c_uint(1)
     desc, green, handle = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
     whole, part, rest = (ctypes.create_string_buffer(1024) for _ in range(3))  # CUdevResource, ~150 bytes
-    check("cuDeviceGet", ctypes.byref(dev), device.index or 0)
-    check("cuDeviceGetDevResource", dev, whole, 1)  # CU_DEV_RESOURCE_TYPE_SM
-    check("cuDevSmResourceSplitByCount", part, ctypes.byref(n), whole, rest, 0, sms)
-    check("cuDevResourceGenerateDesc", ctypes.byref(desc), part, 1)
-    check("cuGreenCtxCreate", ctypes.byref(green), desc, dev, 1)  # CU_GREEN_CTX_DEFAULT_STREAM
+    driver("cuDeviceGet", ctypes.byref(dev), device.index or 0)
+    driver("cuDeviceGetDevResource", dev, whole, 1)  # CU_DEV_RESOURCE_TYPE_SM
+    driver("cuDevSmResourceSplitByCount", part, ctypes.byref(n), whole, rest, 0, sms)
+    driver("cuDevResourceGenerateDesc", ctypes.byref(desc), part, 1)
+    driver("cuGreenCtxCreate", ctypes.byref(green), desc, dev, 1)  # CU_GREEN_CTX_DEFAULT_STREAM
     priority = torch.cuda.Stream.priority_range()[1]
-    check("cuGreenCtxStreamCreate", ctypes.byref(handle), green, 1, ctypes.c_int(priority))  # non-blocking
+    driver("cuGreenCtxStreamCreate", ctypes.byref(handle), green, 1, ctypes.c_int(priority))  # non-blocking
     stream = torch.cuda.ExternalStream(handle.value, device=device)
     stream.green, stream.sms = green, int.from_bytes(part.raw[96:100], "little")  # CUdevResource.sm.smCount
     return stream
@@ -89,11 +89,9 @@ def cuda_sync(mode: str) -> str:
     CUDA's "auto" picks with fewer contexts than cores), "yield" the core while spinning, or
     "blocking" (sleep until woken). Returns the mode it replaced."""
     torch.cuda.synchronize()  # the context is made current on this thread
-    lib, flags = ctypes.CDLL("libcuda.so.1"), ctypes.c_uint()
-    if err := lib.cuCtxGetFlags(ctypes.byref(flags)):
-        raise RuntimeError(f"cuCtxGetFlags failed with CUDA driver error {err}")
-    if err := lib.cuCtxSetFlags(ctypes.c_uint(flags.value & ~7 | SYNC_MODES[mode])):
-        raise RuntimeError(f"cuCtxSetFlags failed with CUDA driver error {err}")
+    flags = ctypes.c_uint()
+    driver("cuCtxGetFlags", ctypes.byref(flags))
+    driver("cuCtxSetFlags", ctypes.c_uint(flags.value & ~7 | SYNC_MODES[mode]))
     return {v: k for k, v in SYNC_MODES.items()}[flags.value & 7]
 
 
