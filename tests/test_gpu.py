@@ -13,7 +13,7 @@ import torch
 
 from alexpipe.loader import LoaderOptions, train_loader
 from conftest import cuda
-from test_loader import stored_labels
+from test_loader import equal_batches as equal, stored_labels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -30,10 +30,6 @@ def epochs_of(out, epochs=3, state=None, **kw):
     del loader
     gc.collect()
     return result, first_state
-
-
-def equal(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(ya, yb) and torch.equal(xa, xb) for (ya, xa), (yb, xb) in zip(a, b))
 
 
 def test_cached_batches_equal_uncached_bit_for_bit(unique_out):
