@@ -72,7 +72,7 @@ class LoaderOptions:
     cache_gb: float | None = None  # default: the rank's share, or what is free less CACHE_RESERVE_GB
     fixed_share: bool = False  # each rank keeps one share of the samples (implied by a cache; see Layout)
     mmap: bool = True  # map the shards (their pages count in RSS) or read them (RSS stays flat; see read_shards)
-    handover: bool | None = None  # batches made on a thread of their own (see handed_over); default: with a cache
+    handover: bool | None = None  # batches made on a thread of their own (see handed_over); default: on a GPU
 
     def check(self) -> None:
         for name in ("batch_size", "prefetch", "echo", "initial_fill", "crop"):
@@ -338,7 +338,8 @@ def handed_over(items, device: torch.device, depth: int):
     """`items` ((batch, state) pairs) made on a thread of their own (`depth` queued, one more
     waiting to be, one being made), so that the training thread only issues the model's work:
     beside a decoder cache, DALI's run() and the batch's own kernels on the training thread cost
-    ~5% of a torchvision AlexNet step (docs/benchmarks.md, 0.2.4). On a GPU the thread makes
+    ~5% of a torchvision AlexNet step, and while decoding more (docs/benchmarks.md, 0.2.4 and
+    0.2.5). On a GPU the thread makes
     them on a CUDA stream of its own and each batch is handed over ordered before the consumer's
     current stream; an error there is raised here. Stopping early stops the thread."""
     q, stop = queue.Queue(depth), threading.Event()
@@ -440,8 +441,8 @@ def train_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime
     `log` (print, say) gets the line on the decoder cache."""
     data, rt, o, shards = open_split(data, runtime, options, split, train=True)
     cache_gb, note = plan_cache(o, cache_gb_needed(shards, rt.rank, rt.world), rt)
-    if o.handover is None:  # measured to pay beside a cache only (docs/benchmarks.md, 0.2.4)
-        o = dataclasses.replace(o, handover=cache_gb > 0)
+    if o.handover is None:  # measured to pay on a GPU, from a cache and while decoding (docs/benchmarks.md, 0.2.5)
+        o = dataclasses.replace(o, handover=rt.cuda)
     if log and o.cache != "off":
         log(note)
     tmp = None

@@ -8,17 +8,17 @@ channels_last, fused SGD, batch --batch-size, in one run:
   (b) training on synthetic GPU-resident tensors: the model-bound ceiling;
   (c) with --baseline: webdataset + PIL + torchvision transforms in a DataLoader, all cores;
   (d) each loader alone, no model running: an upper bound on (a).
-(a) and (d) are timed in interleaved rounds (drift hits every setting alike), medians of
---repeats. With --cache, whole epochs: without a cache, and with DALI's GPU decoder cache
-holding all or half of the set (epoch 1 fills it; epochs 2-3 read it), batches handed over
-from the loader's own thread as by default with a cache, and all of it once more without that
-handover (LoaderOptions.handover=False). The model runs on a
-highest-priority CUDA stream, as in alexpipe-train (Runtime.model_stream); --default-stream
+Batches are handed over from the loader's own thread, as by default on a GPU; --no-handover
+also times (a) with them made on the training thread (LoaderOptions.handover=False). (a) and
+(d) are timed in interleaved rounds (drift hits every setting alike), medians of --repeats.
+With --cache, whole epochs: without a cache, and with DALI's GPU decoder cache holding all or
+half of the set (epoch 1 fills it; epochs 2-3 read it), and all of it once more without the
+handover. The model runs on a highest-priority CUDA stream, as in alexpipe-train (Runtime.model_stream); --default-stream
 also times (a) and the epochs without and with the whole cache on torch's default stream (as
 alexpipe-train before 0.2.3). Prints images/s, ratios to (b), and the projected hours of 90
 ImageNet epochs on one GPU.
 
-  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_train.py [--out OUT] [--cache] [--echo 2]
+  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_train.py [--out OUT] [--cache] [--echo 2] [--no-handover]
 """
 
 from __future__ import annotations
@@ -98,14 +98,17 @@ def model_and_ceiling(arch, b, steps, repeats, stream):
     return compiled, opt, ceiling
 
 
-def fed_rates(compiled, opt, out, b, settings, echo, steps, repeats, stream, default_stream):
-    """(a) and (d) per setting (and echo, and with default_stream the model on torch's default
-    stream), in interleaved rounds; medians and ranges."""
-    runs = {f"{p}x{t}@{h}": (s, 1) for s in settings for p, t, h in [s]}
+def fed_rates(compiled, opt, out, b, settings, echo, steps, repeats, stream, default_stream, no_handover=False):
+    """(a) and (d) per setting (and echo, with no_handover the first setting's batches made on the
+    training thread, and with default_stream the model on torch's default stream), in
+    interleaved rounds; medians and ranges."""
+    runs = {f"{p}x{t}@{h}": (s, 1, None) for s in settings for p, t, h in [s]}
     first = next(iter(runs))
     if echo > 1:
-        runs[f"{first} echo {echo}"] = (settings[0], echo)
-    streams = {name: endless(loader(out, b, s, echo=k)) for name, (s, k) in runs.items()}
+        runs[f"{first} echo {echo}"] = (settings[0], echo, None)
+    for k in sorted({1, echo}) if no_handover else []:
+        runs[f"{first}{f' echo {k}' if k > 1 else ''} no handover"] = (settings[0], k, False)
+    streams = {name: endless(loader(out, b, s, echo=k, handover=h)) for name, (s, k, h) in runs.items()}
     cuda = {name: stream for name in runs}
     if default_stream:  # the first setting's loader again, the model on the default stream; (d) is the same
         name = f"{first} default stream"
@@ -168,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache-only", action="store_true", help="only (b) and the whole epochs of --cache")
     p.add_argument("--default-stream", action="store_true",
                    help="also time (a) and the epochs with the model on torch's default CUDA stream")
+    p.add_argument("--no-handover", action="store_true",
+                   help="also time (a), first setting (and --echo), with batches made on the training thread")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_train: needs a CUDA GPU")
@@ -198,7 +203,7 @@ def fed(compiled, opt, out, settings, ceiling, args, cores, stream) -> None:
     """(a), (d) and with --baseline (c), printed."""
     b = args.batch_size
     a, d = fed_rates(compiled, opt, out, b, settings, args.echo, args.steps, args.repeats, stream,
-                     args.default_stream)
+                     args.default_stream, args.no_handover)
     for name in a:
         am, dm = statistics.median(a[name]), statistics.median(d[name])
         alone = "" if dm != dm else f";  (d) alone {dm:8.0f} = {dm / ceiling:.2f} of (b)"  # nan: the same loader
