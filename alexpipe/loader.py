@@ -404,7 +404,7 @@ def plan_cache(options: LoaderOptions, needed: float, rt: Runtime) -> tuple[floa
         return 0.0, "decoder cache off"
     if not rt.cuda:
         if options.cache == "gpu":
-            raise UserError("cache gpu needs a CUDA GPU (DALI's decoder cache is GPU memory)")
+            raise UserError("cache gpu needs a CUDA GPU (DALI's decoder cache is GPU memory); use cache auto or off")
         return 0.0, "decoder cache off (no GPU)"
     free = torch.cuda.mem_get_info()[0] / 1e9
     room = max(0.0, free - CACHE_RESERVE_GB)

@@ -292,7 +292,7 @@ def build(cfg: TrainConfig, rt: Runtime, data: Prepared, ckpt: Checkpoint | None
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     options = LoaderOptions(batch_size=cfg.batch_size // rt.world, threads=cfg.workers, pipelines=cfg.pipelines,
                             seed=cfg.seed, lighting=cfg.lighting, echo=cfg.echo,
-                            cache=cfg.cache if rt.cuda else "off", cache_gb=cfg.cache_gb, mmap=cfg.mmap)
+                            cache=cfg.cache, cache_gb=cfg.cache_gb, mmap=cfg.mmap)
     train_data = train_loader(data, options, runtime=rt, state=ckpt.loader[rt.rank] if ckpt else None,
                               log=print if rt.main else None)
     val_data = eval_loader(data, options, runtime=rt)

@@ -17,10 +17,11 @@ from nvidia.dali import types
 from PIL import Image
 
 from alexpipe.dataset import Prepared, iter_samples
-from alexpipe.loader import LoaderOptions, cuda_queues_note, eval_loader, parse_labels, train_loader
+from alexpipe.loader import (CACHE_RESERVE_GB, LoaderOptions, cache_gb_needed, cuda_queues_note, eval_loader,
+                             parse_labels, plan_cache, train_loader)
 from alexpipe.pipeline import train_pipeline
 from alexpipe.util import UserError
-from conftest import cpu
+from conftest import cpu, cuda
 
 
 def read_jpeg(source: str) -> np.ndarray:
@@ -348,6 +349,32 @@ def test_fixed_share_keeps_each_ranks_samples_and_reshuffles_them(unique_out, wo
         assert epochs[0] != epochs[1] != epochs[2]
         seen_all.update(epochs[0])
     assert len(lengths) == 1 and set(seen_all.values()) == {1}
+
+
+def test_cache_plan_sizes_each_share_and_says_why(unique_out, monkeypatch):
+    """The decoder cache's size comes from prepare's pixel counts: the whole split's is its
+    decoded images' bytes (H x W x 3), the rank shares add up to it; the plan caches all, part
+    or none of a share by the GPU memory free and says so; on the CPU gpu is an error."""
+    shards = Prepared.open(unique_out).split("train")
+    decoded = sum(3 * np.prod(Image.open(io.BytesIO(s["jpg"])).size) for sh in shards for s in iter_samples(sh))
+    raw = [[(cache_gb_needed(shards, r, w) - 0.05) / 1.01 for r in range(w)] for w in (1, 2, 3)]
+    assert raw[0][0] == pytest.approx(decoded / 1e9) and all(sum(w) == pytest.approx(raw[0][0]) for w in raw)
+    need, gb = 50.0, 1e9
+
+    def plan(free_gb, **kw):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free_gb * gb, 141 * gb))
+        return plan_cache(LoaderOptions(**kw), need, cuda())
+
+    size, note = plan(100, cache="auto")
+    assert size == need and "for all of this rank's share (50.0 GB; 100.0 GB free)" in note
+    size, note = plan(40, cache="auto")  # 50 GB do not fit beside the reserve: off, saying why
+    assert size == 0 and "needs 50.0 GB, 40.0 GB of GPU memory is free" in note and "--cache-gb" in note
+    assert plan(40, cache="gpu")[0] == 40 - CACHE_RESERVE_GB and "48% of this rank's share" in plan(40, cache="gpu")[1]
+    assert plan(100, cache="gpu", cache_gb=10)[0] == 10 and "20%" in plan(100, cache="gpu", cache_gb=10)[1]
+    assert plan(10, cache="gpu")[0] == 0 and plan(100, cache="off") == (0.0, "decoder cache off")
+    assert plan_cache(LoaderOptions(cache="auto"), need, cpu()) == (0.0, "decoder cache off (no GPU)")
+    with pytest.raises(UserError, match="cache gpu needs a CUDA GPU"):
+        train_loader(unique_out, LoaderOptions(cache="gpu"), runtime=cpu())
 
 
 @pytest.mark.parametrize("world,pipelines", [(1, 1), (1, 2), (3, 2)])

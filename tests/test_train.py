@@ -108,6 +108,8 @@ def test_bad_input_is_one_line_and_exit_2(small_out, shapes_out, tmp_path, capsy
     fails([str(small_out), "--device", "cpu", "--arch", "paper", "--groups", "2", "--pipelines", "2", "--run-dir",
            str(tmp_path / "r4"), "--resume", str(run / "checkpoint.pt")], "a checkpoint with --pipelines 1, not 2")
     fails([str(small_out), "--device", "cpu", "--run-dir", str(run)], "checkpoint.pt exists")
+    fails([str(small_out), "--device", "cpu", "--cache", "gpu", "--run-dir", str(tmp_path / "r5")],
+          "cache gpu needs a CUDA GPU")
     if not torch.cuda.is_available():
         fails([str(small_out), "--device", "cuda"], "no CUDA GPU is visible")
     monkeypatch.setenv("WORLD_SIZE", "3")
