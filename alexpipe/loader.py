@@ -339,9 +339,9 @@ def handed_over(items, device: torch.device, depth: int):
     waiting to be, one being made), so that the training thread only issues the model's work:
     beside a decoder cache, DALI's run() and the batch's own kernels on the training thread cost
     ~5% of a torchvision AlexNet step, and while decoding more (docs/benchmarks.md, 0.2.4 and
-    0.2.5). On a GPU the thread makes
-    them on a CUDA stream of its own and each batch is handed over ordered before the consumer's
-    current stream; an error there is raised here. Stopping early stops the thread."""
+    0.2.5). On a GPU the thread makes them on a CUDA stream of its own and each batch is handed
+    over ordered before the consumer's current stream; an error there is raised here. Stopping
+    early stops the thread."""
     q, stop = queue.Queue(depth), threading.Event()
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
 

@@ -13,9 +13,9 @@ also times (a) with them made on the training thread (LoaderOptions.handover=Fal
 (d) are timed in interleaved rounds (drift hits every setting alike), medians of --repeats.
 With --cache, whole epochs: without a cache, and with DALI's GPU decoder cache holding all or
 half of the set (epoch 1 fills it; epochs 2-3 read it), and all of it once more without the
-handover. The model runs on a highest-priority CUDA stream, as in alexpipe-train (Runtime.model_stream); --default-stream
-also times (a) and the epochs without and with the whole cache on torch's default stream (as
-alexpipe-train before 0.2.3). Prints images/s, ratios to (b), and the projected hours of 90
+handover. The model runs on a highest-priority CUDA stream, as in alexpipe-train
+(Runtime.model_stream); --default-stream also times (a) and the epochs without and with the
+whole cache on torch's default stream (as alexpipe-train before 0.2.3). Prints images/s, ratios to (b), and the projected hours of 90
 ImageNet epochs on one GPU.
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_train.py [--out OUT] [--cache] [--echo 2] [--no-handover]
