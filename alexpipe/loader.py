@@ -92,7 +92,9 @@ class LoaderOptions:
         if not train:
             return dataclasses.replace(self, pipelines=1, threads=threads, echo=1, cache="off", fixed_share=False,
                                        handover=False)
-        return dataclasses.replace(self, pipelines=pipelines, threads=threads)
+        # the handover measured to pay on a GPU, from a cache and while decoding (docs/benchmarks.md, 0.2.5)
+        handover = rt.cuda if self.handover is None else self.handover
+        return dataclasses.replace(self, pipelines=pipelines, threads=threads, handover=handover)
 
 
 def parse_labels(padded: torch.Tensor) -> torch.Tensor:
@@ -441,8 +443,6 @@ def train_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime
     `log` (print, say) gets the line on the decoder cache."""
     data, rt, o, shards = open_split(data, runtime, options, split, train=True)
     cache_gb, note = plan_cache(o, cache_gb_needed(shards, rt.rank, rt.world), rt)
-    if o.handover is None:  # measured to pay on a GPU, from a cache and while decoding (docs/benchmarks.md, 0.2.5)
-        o = dataclasses.replace(o, handover=rt.cuda)
     if log and o.cache != "off":
         log(note)
     tmp = None
