@@ -17,6 +17,9 @@ model's stream against every other, i.e. DALI's) and from the host side:
                           launch call had not yet returned (the host issues too slowly), and
                           the part before kernels already launched (waiting on the GPU: for a
                           batch from DALI's stream, or for SMs)
+  loader's GPU work       its costliest kernels and copies by name: how many a step, their
+                          mean time and ms a step (per-image steps show as ~batch-size a step;
+                          beside the model each waits for SMs, so its mean grows)
   CUDA calls              the costliest CUDA runtime/driver calls per step, the model's
                           threads' (those running aten ops: the training thread and autograd's
                           backward thread) apart from all others' (DALI's): launches that take
@@ -78,7 +81,26 @@ def summarize(trace: Path, label: str, steps: int, model_stream: int | None) -> 
     late, waiting = idle_causes(events, model_stream)
     print(f"    model stream idle: host late {late / 1e3 / steps:.2f} ms/step, launched but waiting "
           f"{waiting / 1e3 / steps:.2f} ms/step", flush=True)
+    print("    loader's GPU work a step: " + loader_work(kernels, steps, model_stream), flush=True)
     print("    CUDA calls ms/step: " + api_calls(events, steps), flush=True)
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without 'void ', namespaces' templates or arguments: 'nvjpeg::rgba2rgb'."""
+    name = name.removeprefix("void ")
+    return name[:min((i for i in (name.find("<"), name.find("(")) if i > 0), default=len(name))].strip()
+
+
+def loader_work(kernels, steps: int, model_stream, top: int = 4) -> str:
+    """The loader's (every stream but the model's) costliest kernels and copies, as
+    'name count x mean us = ms' per step."""
+    total = {}
+    for e in kernels:
+        if e["args"].get("stream") != model_stream:
+            n, t = total.get(short_name(e["name"]), (0, 0.0))
+            total[short_name(e["name"])] = (n + 1, t + e["dur"])
+    best = sorted(total.items(), key=lambda kv: -kv[1][1])[:top]
+    return ", ".join(f"{name} {n / steps:.0f}x {t / n:.1f} us = {t / 1e3 / steps:.2f} ms" for name, (n, t) in best)
 
 
 def idle_causes(events, model_stream) -> tuple[float, float]:
