@@ -10,7 +10,8 @@
 #   train    tools/bench_train.py with the decoder cache, echo 2, the PyTorch baseline and the
 #            model on the default stream beside the default highest-priority one; the
 #            decoder cache again on a 4x larger set (JPEG_DIR x 240, --cache-only)
-#   profile  tools/profile_train.py for both archs; tools/bench_host.py; tools/bench_neighbors.py
+#   profile  tools/profile_train.py for both archs; tools/bench_host.py; tools/bench_decode.py;
+#            tools/bench_knobs.py; tools/bench_neighbors.py
 #   real     tools/real_run.sh with and without --echo 2 (same steps), alexpipe-neighbors
 set -euo pipefail
 stage=$1; src=$(cd "$2" && pwd); work=$3; log=$4
@@ -56,6 +57,8 @@ profile)
         python3 tools/profile_train.py --out "$work/bench" --arch "$arch" 2>&1 | tee -a "$log/profile_train.log"
     done
     python3 tools/bench_host.py --out "$work/bench" 2>&1 | tee "$log/bench_host.log"
+    python3 tools/bench_decode.py --out "$work/bench" 2>&1 | tee "$log/bench_decode.log"
+    python3 tools/bench_knobs.py --out "$work/bench" 2>&1 | tee "$log/bench_knobs.log"
     python3 tools/bench_neighbors.py --out "$work/bench" --queries 500 2>&1 | grep -v "it/s\]" \
         | tee "$log/bench_neighbors.log"
     if [ -n "${PRIORITY_TEST:-}" ]; then  # an experiment script: decoding on high/low-priority streams

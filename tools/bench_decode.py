@@ -1,0 +1,88 @@
+"""What DALI's GPU decode paths do on the GPU, image by image: one pipeline (reader, decoder,
+crop-flip-normalize to 224) per decoder output, its images/s alone, then the GPU work of 10
+batches by name (count a batch x mean time), from a torch.profiler trace.
+
+  python tools/bench_decode.py --out OUT [--threads 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from torch.profiler import ProfilerActivity, profile
+
+from alexpipe.dataset import Prepared
+from profile_train import short_name
+
+# name: (output_type, hw_decoder_load, decode only a random window)
+PATHS = {"RGB": (types.RGB, 1.0, False), "any data": (types.ANY_DATA, 1.0, False),
+         "YCbCr": (types.YCbCr, 1.0, False), "BGR": (types.BGR, 1.0, False),
+         "RGB, load 0.0": (types.RGB, 0.0, False), "RGB, random window": (types.RGB, 1.0, True)}
+
+
+@pipeline_def(device_id=0, prefetch_queue_depth=2)
+def decode_pipeline(shards, output_type, load, window):
+    jpegs = fn.readers.webdataset(paths=[s["tar"] for s in shards], index_paths=[s["idx"] for s in shards],
+                                  ext=["jpg"], random_shuffle=True, initial_fill=1024)
+    if window:
+        images = fn.resize(fn.decoders.image_random_crop(jpegs, device="mixed", output_type=output_type,
+                                                         hw_decoder_load=load), size=(224, 224))
+    else:
+        images = fn.decoders.image(jpegs, device="mixed", output_type=output_type, hw_decoder_load=load)
+    return fn.crop_mirror_normalize(images, crop=(224, 224), dtype=types.FLOAT16, output_layout="HWC")
+
+
+def gpu_work(pipe, runs: int) -> str:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            pipe.run()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/t.json")
+        events = json.loads(Path(f"{tmp}/t.json").read_text())["traceEvents"]
+    total = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            total[short_name(e["name"])][0] += 1
+            total[short_name(e["name"])][1] += e["dur"]
+    top = sorted(total.items(), key=lambda kv: -kv[1][1])[:5]
+    return ", ".join(f"{name} {n / runs:.0f}x {t / n:.1f} us" for name, (n, t) in top)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="prepared shards (alexpipe-prepare OUT)")
+    p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batches", type=int, default=20, help="timed batches per path")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode: needs a CUDA GPU")
+    shards, b = Prepared.open(args.out).split("train"), args.batch_size
+    print(f"{torch.cuda.get_device_name()}; one pipeline, {args.threads} threads, batch {b}", flush=True)
+    for name, (output_type, load, window) in PATHS.items():
+        pipe = decode_pipeline(shards, output_type, load, window, batch_size=b, num_threads=args.threads)
+        pipe.build()
+        for _ in range(10):
+            pipe.run()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            pipe.run()
+        torch.cuda.synchronize()
+        rate = args.batches * b / (time.perf_counter() - t0)
+        print(f"  {name:<20} {rate:7.0f} images/s; a batch's GPU work: {gpu_work(pipe, 10)}", flush=True)
+        del pipe
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

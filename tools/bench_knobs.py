@@ -1,0 +1,119 @@
+"""Loader knobs beside the model: each variant a train loader of its own (4 pipelines x 4
+threads unless it says otherwise), all alive at once, timed in interleaved rounds:
+(a) training fed by it, (d) it alone, and the process's busy CPU cores during (a) (CPU time
+over wall time), against the default in the same run. Medians of --repeats; (b) the ceiling.
+
+  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_knobs.py --out OUT [--variants default,echo 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import alexpipe.loader
+from alexpipe.runtime import priority_stream
+from bench_loader import endless, stream_rate
+from bench_prepare import DEFAULT_SRC, sample_shards
+from bench_train import loader, model_and_ceiling, rate
+
+# name: (LoaderOptions fields, with "load" the hw_decoder_load; DALI Pipeline arguments;
+# Python's GIL switch interval while training)
+VARIANTS = {
+    "default": ({}, {}, None),
+    "no mmap": ({"mmap": False}, {}, None),
+    "old executor": ({}, {"exec_dynamic": False}, None),
+    "prefetch 4": ({"prefetch": 4}, {}, None),
+    "switch 0.2ms": ({}, {}, 2e-4),
+    "affinity": ({}, {"set_affinity": True}, None),
+    "echo 2": ({"echo": 2}, {}, None),
+    "echo 2 no mmap": ({"echo": 2, "mmap": False}, {}, None),
+    "hw 0.9": ({"load": 0.9}, {}, None),
+    "hw 0.75": ({"load": 0.75}, {}, None),
+    "hw 0.5": ({"load": 0.5}, {}, None),
+    "echo 2 hw 0.75": ({"echo": 2, "load": 0.75}, {}, None),
+}
+
+
+def variant_loader(out, b, fields: dict, pipeline_args: dict):
+    """An endless stream of the variant's batches, its pipelines built (the DALI arguments
+    reach them through the loader's pipeline function, swapped while it builds)."""
+    fields, original = dict(fields), alexpipe.loader.train_pipeline
+    alexpipe.loader.train_pipeline = functools.partial(original, **pipeline_args)
+    try:
+        stream = endless(loader(out, b, (4, 4, fields.pop("load", 1.0)), **fields))
+        next(stream)
+    finally:
+        alexpipe.loader.train_pipeline = original
+    return stream
+
+
+def timed_with(switch, fn):
+    """fn() under a GIL switch interval (None: as it is); returns (result, busy cores)."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(switch or old)
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        result = fn()
+        return result, (time.process_time() - c0) / (time.perf_counter() - t0)
+    finally:
+        sys.setswitchinterval(old)
+
+
+def knobs(out, arch, names, b, steps, repeats, stream) -> None:
+    compiled, opt, ceiling = model_and_ceiling(arch, b, steps, 3, stream)
+    print(f"\n{arch} AlexNet: (b) {ceiling:.0f} images/s", flush=True)
+    streams = {name: variant_loader(out, b, *VARIANTS[name][:2]) for name in names}
+    a, d, busy = ({n: [] for n in names} for _ in range(3))
+    for _ in range(repeats):
+        for name, batches in streams.items():
+            r, cores = timed_with(VARIANTS[name][2], lambda: rate(compiled, opt, batches, steps, 10, stream))
+            a[name].append(r)
+            busy[name].append(cores)
+            d[name].append(stream_rate(batches, steps, 10))
+    for name in names:
+        am = statistics.median(a[name])
+        print(f"  {name:<16} (a) {am:7.0f} = {am / ceiling:.2f} of (b) (timings "
+              f"{', '.join(f'{v:.0f}' for v in a[name])}); (d) {statistics.median(d[name]):7.0f}; "
+              f"cores busy during (a) {statistics.median(busy[name]):.1f}", flush=True)
+    del streams, compiled, opt
+    gc.collect()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=None, help="prepared shards with pca.json (default: build them)")
+    p.add_argument("--src", type=Path, default=DEFAULT_SRC)
+    p.add_argument("--repeat", type=int, default=60)
+    p.add_argument("--archs", default="torchvision,paper")
+    p.add_argument("--variants", default="default,no mmap,old executor,prefetch 4,switch 0.2ms,affinity,echo 2",
+                   help="comma-separated, of: " + ", ".join(VARIANTS))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    names = args.variants.split(",")
+    if unknown := [n for n in names if n not in VARIANTS]:
+        sys.exit(f"bench_knobs: unknown variant(s) {', '.join(unknown)}")
+    if not torch.cuda.is_available():
+        sys.exit("bench_knobs: needs a CUDA GPU")
+    stream = priority_stream(torch.device("cuda"))  # as alexpipe-train's Runtime.model_stream
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
+        print(f"{torch.cuda.get_device_name()}; batch {args.batch_size}, median of {args.repeats} x {args.steps} "
+              f"timed steps, interleaved", flush=True)
+        for arch in args.archs.split(","):
+            knobs(out, arch, names, args.batch_size, args.steps, args.repeats, stream)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
