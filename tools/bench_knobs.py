@@ -1,9 +1,10 @@
 """Loader knobs beside the model: each variant a train loader of its own (4 pipelines x 4
 threads unless it says otherwise), all alive at once, timed in interleaved rounds:
 (a) training fed by it, (d) it alone, and the process's busy CPU cores during (a) (CPU time
-over wall time), against the default in the same run. Medians of --repeats; (b) the ceiling.
+over wall time), against the default in the same run. Medians of --repeats; (b) the ceiling
+(median of 3).
 
-  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_knobs.py --out OUT [--variants default,echo 2]
+  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_knobs.py --out OUT [--variants "default,echo 2"]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from bench_train import loader, model_and_ceiling, rate
 VARIANTS = {
     "default": ({}, {}, None),
     "no mmap": ({"mmap": False}, {}, None),
-    "old executor": ({}, {"exec_dynamic": False}, None),
+    "old executor": ({}, {"exec_dynamic": False}, None),  # for timing only: its buffers may be reused under torch
     "prefetch 4": ({"prefetch": 4}, {}, None),
     "switch 0.2ms": ({}, {}, 2e-4),
     "affinity": ({}, {"set_affinity": True}, None),
@@ -84,7 +85,7 @@ def knobs(out, arch, names, b, steps, repeats, stream) -> None:
         print(f"  {name:<16} (a) {am:7.0f} = {am / ceiling:.2f} of (b) (timings "
               f"{', '.join(f'{v:.0f}' for v in a[name])}); (d) {statistics.median(d[name]):7.0f}; "
               f"cores busy during (a) {statistics.median(busy[name]):.1f}", flush=True)
-    del streams, compiled, opt
+    del streams, batches, compiled, opt
     gc.collect()
 
 

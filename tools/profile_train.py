@@ -86,7 +86,10 @@ def summarize(trace: Path, label: str, steps: int, model_stream: int | None) -> 
 
 
 def short_name(name: str) -> str:
-    """A kernel's name without 'void ', namespaces' templates or arguments: 'nvjpeg::rgba2rgb'."""
+    """A kernel's name without 'void ', namespaces' templates or arguments: 'nvjpeg::rgba2rgb';
+    a copy's whole name ('Memcpy HtoD (Pinned -> Device)')."""
+    if name.startswith("Memcpy"):
+        return name
     name = name.removeprefix("void ")
     return name[:min((i for i in (name.find("<"), name.find("(")) if i > 0), default=len(name))].strip()
 
