@@ -8,7 +8,6 @@ batches by name (count a batch x mean time), from a torch.profiler trace.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import tempfile
@@ -17,10 +16,9 @@ from pathlib import Path
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from torch.profiler import ProfilerActivity, profile
 
 from alexpipe.dataset import Prepared
-from profile_train import short_name
+from profile_train import gpu_activity, loader_work, traced
 
 # name: (output_type, hw_decoder_load, decode only a random window)
 PATHS = {"RGB": (types.RGB, 1.0, False), "any data": (types.ANY_DATA, 1.0, False),
@@ -41,20 +39,11 @@ def decode_pipeline(shards, output_type, load, window):
 
 
 def gpu_work(pipe, runs: int) -> str:
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            pipe.run()
-        torch.cuda.synchronize()
+    """The GPU work of `runs` batches by name, per batch, from a trace."""
     with tempfile.TemporaryDirectory() as tmp:
-        prof.export_chrome_trace(f"{tmp}/t.json")
-        events = json.loads(Path(f"{tmp}/t.json").read_text())["traceEvents"]
-    total = collections.defaultdict(lambda: [0, 0.0])
-    for e in events:
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
-            total[short_name(e["name"])][0] += 1
-            total[short_name(e["name"])][1] += e["dur"]
-    top = sorted(total.items(), key=lambda kv: -kv[1][1])[:5]
-    return ", ".join(f"{name} {n / runs:.0f}x {t / n:.1f} us" for name, (n, t) in top)
+        path = Path(tmp) / "trace.json"
+        traced(pipe.run, runs, path)
+        return loader_work(gpu_activity(json.loads(path.read_text())["traceEvents"]), runs, None, top=5)
 
 
 def main(argv=None) -> int:

@@ -63,9 +63,14 @@ def overlap(xs, ys) -> float:
     return union(xs) + union(ys) - union(xs + ys)
 
 
+def gpu_activity(events) -> list[dict]:
+    """A trace's kernels, copies and memsets (each with its stream, start and duration)."""
+    return [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+
+
 def summarize(trace: Path, label: str, steps: int, model_stream: int | None) -> None:
     events = json.loads(trace.read_text())["traceEvents"]
-    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    kernels = gpu_activity(events)
     if not kernels:
         print(f"{label}: no GPU activity recorded")
         return
@@ -95,8 +100,8 @@ def short_name(name: str) -> str:
 
 
 def loader_work(kernels, steps: int, model_stream, top: int = 4) -> str:
-    """The loader's (every stream but the model's) costliest kernels and copies, as
-    'name count x mean us = ms' per step."""
+    """The loader's (every stream but the model's; with None, every stream's) costliest kernels
+    and copies, as 'name count x mean us = ms' per step."""
     total = {}
     for e in kernels:
         if e["args"].get("stream") != model_stream:
@@ -111,8 +116,7 @@ def idle_causes(events, model_stream) -> tuple[float, float]:
     the host was late, after it the launched kernel waited on the GPU."""
     launches = {e["args"]["correlation"]: e["ts"] + e["dur"] for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    mine = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e
-                   and e["args"].get("stream") == model_stream), key=lambda e: e["ts"])
+    mine = sorted((e for e in gpu_activity(events) if e["args"].get("stream") == model_stream), key=lambda e: e["ts"])
     late = waiting = 0.0
     for a, b in zip(mine, mine[1:]):
         end, gap = a["ts"] + a["dur"], b["ts"] - a["ts"] - a["dur"]
