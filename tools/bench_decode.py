@@ -18,6 +18,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from alexpipe.dataset import Prepared
+from alexpipe.pipeline import read_shards
 from profile_train import gpu_activity, loader_work, traced
 
 # name: (output_type, hw_decoder_load, decode only a random window)
@@ -28,8 +29,7 @@ PATHS = {"RGB": (types.RGB, 1.0, False), "any data": (types.ANY_DATA, 1.0, False
 
 @pipeline_def(device_id=0, prefetch_queue_depth=2)
 def decode_pipeline(shards, output_type, load, window):
-    jpegs = fn.readers.webdataset(paths=[s["tar"] for s in shards], index_paths=[s["idx"] for s in shards],
-                                  ext=["jpg"], random_shuffle=True, initial_fill=1024)
+    jpegs = read_shards(shards, ["jpg"], 0, 1, random_shuffle=True, initial_fill=1024)
     if window:
         images = fn.resize(fn.decoders.image_random_crop(jpegs, device="mixed", output_type=output_type,
                                                          hw_decoder_load=load), size=(224, 224))
