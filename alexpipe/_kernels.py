@@ -1,5 +1,6 @@
-"""The paper model's LRN on the GPU as two Triton kernels, one pass forward and one backward,
-as torch custom ops that torch.compile calls as they are.
+"""Triton kernels: the paper model's LRN on the GPU, one pass forward and one backward, as
+torch custom ops that torch.compile calls as they are; and the loader's normalization of a
+batch of uint8 crops (normalize).
 
 The model's LRNs see channels_last maps, where each pixel's C channels lie side by side, so
 element e of the flat tensor is channel e % C and its window neighbours are e - 2 .. e + 2:
@@ -142,3 +143,37 @@ def _backward_op(ctx, dy, _dq):
 
 
 lrn_forward.register_autograd(_backward_op, setup_context=_setup)
+
+
+NORM_BLOCK = 1024  # elements a program
+
+
+@triton.jit
+def _normalize(x_ptr, mean_ptr, inv_std_ptr, y_ptr, n, PLANE: tl.constexpr, HWC: tl.constexpr,
+               BLOCK: tl.constexpr):
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < n
+    if HWC:
+        c = e % 3
+    else:
+        c = (e // PLANE) % 3
+    x = tl.load(x_ptr + e, mask=ok, other=0).to(tl.float32)
+    m = tl.load(mean_ptr + (e // (3 * PLANE)) * 3 + c, mask=ok, other=0.0)  # the view's own mean
+    r = tl.load(inv_std_ptr + c, mask=ok, other=0.0)
+    tl.store(y_ptr + e, ((x - m) * r).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, dtype: torch.dtype,
+              hwc: bool) -> torch.Tensor:
+    """(x - mean[b, c]) * inv_std[c] in float32, rounded once to `dtype`, as loader.normalize_views
+    computes it: x uint8 (B, H, W, 3) with hwc, else (B, 3, H, W); mean (B, 3); inv_std (3,)."""
+    x = x.contiguous()
+    n = x.numel()
+    if n >= 2**31:
+        raise ValueError(f"alexpipe's normalize takes under 2**31 elements, not {n}")
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if n:
+        plane = x.shape[1] * x.shape[2] if hwc else x.shape[2] * x.shape[3]
+        _normalize[(triton.cdiv(n, NORM_BLOCK),)](x, mean.float().contiguous(), inv_std.float().contiguous(), y, n,
+                                                  PLANE=plane, HWC=hwc, BLOCK=NORM_BLOCK, num_warps=4)
+    return y

@@ -46,7 +46,12 @@ from .pipeline import eval_pipeline, train_pipeline
 from .runtime import Runtime
 from .util import Help, UserError, default_workers, run_main, save_png
 
-# DALI has no bf16: fp16 out, cast on the device
+try:  # the normalization's GPU kernel; CUDA builds of torch bring Triton, CPU builds need not
+    from . import _kernels
+except ImportError:
+    _kernels = None
+
+# DALI has no bf16: fp16 out, cast on the device (where DALI normalizes: evaluation, dali_normalize)
 DTYPES = {"bf16": (types.FLOAT16, torch.bfloat16), "fp16": (types.FLOAT16, torch.float16),
           "fp32": (types.FLOAT, torch.float32)}
 PIPELINES_GPU, THREADS_GPU = 4, 4  # per rank on a GPU: more decodes in flight, fewer threads each
@@ -73,6 +78,8 @@ class LoaderOptions:
     fixed_share: bool = False  # each rank keeps one share of the samples (implied by a cache; see Layout)
     mmap: bool = True  # map the shards (their pages count in RSS) or read them (RSS stays flat; see read_shards)
     handover: bool | None = None  # batches made on a thread of their own (see handed_over); default: on a GPU
+    dali_normalize: bool = False  # training: DALI normalizes in float, then a cast; default: DALI crops and
+    # flips uint8 and the loader normalizes in one pass to the model's dtype (normalize_views)
 
     def check(self) -> None:
         for name in ("batch_size", "prefetch", "echo", "initial_fill", "crop"):
@@ -91,10 +98,21 @@ class LoaderOptions:
         threads = self.threads or (THREADS_GPU if rt.cuda else max(1, default_workers() // pipelines))
         if not train:
             return dataclasses.replace(self, pipelines=1, threads=threads, echo=1, cache="off", fixed_share=False,
-                                       handover=False)
+                                       handover=False, dali_normalize=True)
         # the handover measured to pay on a GPU, from a cache and while decoding (docs/benchmarks.md, 0.2.5)
         handover = rt.cuda if self.handover is None else self.handover
         return dataclasses.replace(self, pipelines=pipelines, threads=threads, handover=handover)
+
+
+def normalize_views(x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, dtype: torch.dtype,
+                    hwc: bool) -> torch.Tensor:
+    """Training views as the model takes them: (x - mean[b, c]) * inv_std[c] in float32, rounded
+    once to `dtype`; x uint8 crops (B, H, W, 3) with hwc, else (B, 3, H, W), mean (B, 3) each
+    view's own (PCA lighting folded in). One Triton kernel on a GPU, this formula elsewhere."""
+    if x.is_cuda and _kernels is not None:
+        return _kernels.normalize(x, mean, inv_std, dtype, hwc)
+    shape = (-1, 1, 1, 3) if hwc else (-1, 3, 1, 1)
+    return ((x.float() - mean.float().view(shape)) * inv_std.float().view(shape[1:])).to(dtype)
 
 
 def parse_labels(padded: torch.Tensor) -> torch.Tensor:
@@ -203,9 +221,12 @@ class DaliLoader:
     """
 
     def __init__(self, make_pipe, layout: Layout, options: LoaderOptions, rt: Runtime, *, train: bool,
-                 state: dict | None = None):
+                 state: dict | None = None, std: list[float] | None = None):
         pipelines, b = len(layout.ids), options.batch_size
         self.options, self.batch_size, self.rank_size = options, b, sum(layout.mine)
+        # DALI's outputs a view: the images, and their means where the loader normalizes (std given)
+        self.per_view = 1 if options.dali_normalize else 2
+        self.inv_std = None if options.dali_normalize else torch.tensor([1 / v for v in std], device=rt.device)
         self.echo, self.fixed_share = options.echo, layout.fixed
         self.torch_dtype, self.channels_last, self.device = DTYPES[rt.precision][1], rt.channels_last, rt.device
         self.handover = bool(options.handover)
@@ -273,11 +294,14 @@ class DaliLoader:
     def _strings(tl, keep: int | None = None) -> list[str]:
         return [bytes(np.asarray(tl[i])).decode() for i in range(len(tl))][:keep]
 
-    def _images(self, x: torch.Tensor) -> torch.Tensor:
+    def _images(self, x: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        fresh = mean is not None
+        if fresh:  # uint8 crops: normalized into new torch memory
+            x = normalize_views(x, mean, self.inv_std, self.torch_dtype, hwc=self.channels_last)
         if self.channels_last:  # DALI wrote HWC: a permuted view is NCHW in channels_last memory
             x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.permute(0, 1, 4, 2, 3)
         # handed over, a batch is torch's memory (DALI's own is released on the making thread's stream)
-        return x if x.dtype == self.torch_dtype and not self.handover else x.to(self.torch_dtype, copy=True)
+        return x if fresh or (x.dtype == self.torch_dtype and not self.handover) else x.to(self.torch_dtype, copy=True)
 
     def __iter__(self):
         if not self.handover:
@@ -313,23 +337,25 @@ class DaliLoader:
         for b in range(self.batch, self.length):
             outs = self._run(b % len(self.pipes))
             keep = min(self.batch_size, self.rank_size - b * self.batch_size)  # eval's last batch: no padding
-            batch = (self._images(self._torch(outs[0], keep)), parse_labels(self._torch(outs[1], keep)))
+            mean, at = (self._torch(outs[1], keep) if self.per_view == 2 else None), self.per_view
+            batch = (self._images(self._torch(outs[0], keep), mean), parse_labels(self._torch(outs[at], keep)))
             self.batch = b + 1
-            yield (*batch, self._strings(outs[2], keep)) if self.options.sources else batch
+            yield (*batch, self._strings(outs[at + 1], keep)) if self.options.sources else batch
 
     def _echoed(self):
-        per_round, labels_at = len(self.pipes) * self.echo, self.echo
+        per_round, labels_at, v = len(self.pipes) * self.echo, self.echo * self.per_view, self.per_view
         for r in range(self.batch // per_round, self.length // per_round):
             outs = [self._run(i) for i in range(len(self.pipes))]
             labels = torch.cat([parse_labels(self._torch(o[labels_at])) for o in outs])
             sources = [s for o in outs for s in self._strings(o[labels_at + 1])] if self.options.sources else None
             gen = torch.Generator(labels.device).manual_seed(hash((self.options.seed, self.epoch, r)) % 2**62)
             for k in range(self.echo):
-                views = torch.cat([self._torch(o[k]) for o in outs])
+                views = torch.cat([self._torch(o[k * v]) for o in outs])
+                means = torch.cat([self._torch(o[k * v + 1]) for o in outs]) if v == 2 else None
                 order = torch.randperm(len(labels), generator=gen, device=labels.device)
                 for part in order.split(self.batch_size):
                     self.batch += 1
-                    batch = (self._images(views[part]), labels[part])
+                    batch = (self._images(views[part], None if means is None else means[part]), labels[part])
                     yield (*batch, [sources[i] for i in part.tolist()]) if self.options.sources else batch
 
 
@@ -461,9 +487,10 @@ def train_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime
                               cache_mb=math.ceil(cache_gb * 1e9 / 2**20), echo=o.echo, with_sources=o.sources,
                               batch_size=o.batch_size, seed=o.seed * 100_003 + shard_id,
                               prefetch_queue_depth=o.prefetch, checkpoint=checkpoint, num_threads=o.threads,
-                              device_id=rt.local_rank if rt.cuda else None, mmap=o.mmap)
+                              device_id=rt.local_rank if rt.cuda else None, mmap=o.mmap,
+                              deferred=not o.dali_normalize)
 
-    loader = DaliLoader(make, layout, o, rt, train=True, state=state)
+    loader = DaliLoader(make, layout, o, rt, train=True, state=state, std=pca["std"])
     loader.share_dir, loader.cache_gb = tmp, cache_gb  # the cut index files live as long as the loader
     return loader
 

@@ -90,14 +90,23 @@ def normalize(images, mean, std, crop: int, dtype, layout: str, **position):
                                     output_layout=layout, **position)
 
 
-def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype, layout: str):
-    """One random view: crop window, flip, PCA lighting, normalization; and its draws."""
+def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype, layout: str, device: str,
+            deferred: bool):
+    """One random view: crop window, flip, PCA lighting, normalization; and its draws. With
+    `deferred` the view is the uint8 crop, flipped, and its per-sample mean (lighting folded
+    in, on the output device): the loader normalizes it (loader.normalize_views), one cheap
+    pass in the model's dtype instead of DALI's float pass and a cast (docs/benchmarks.md)."""
     pos_x = fn.random.uniform(range=(0.0, 1.0))
     pos_y = fn.random.uniform(range=(0.0, 1.0))
     mirror = fn.random.coin_flip(probability=0.5)
     mean_s, alpha = lighting_mean(mean, eigval, eigvec, lighting)
-    out = normalize(images, mean_s, std, crop, dtype, layout, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
-    return out, (pos_x, pos_y, mirror, alpha)
+    position = dict(crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
+    if deferred:
+        out = fn.crop_mirror_normalize(images, crop=(crop, crop), dtype=types.UINT8, output_layout=layout, **position)
+        outs = [out, mean_s.gpu() if device == "gpu" else mean_s]
+    else:
+        outs = [normalize(images, mean_s, std, crop, dtype, layout, **position)]
+    return outs, (pos_x, pos_y, mirror, alpha)
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -105,10 +114,11 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
                    lighting: float = 0.1, crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW",
                    initial_fill: int = 4096, shuffle_seed: int = 0, hw_decoder_load: float = 1.0,
                    cache_mb: int = 0, echo: int = 1, with_params: bool = False, with_sources: bool = False,
-                   mmap: bool = True):
+                   mmap: bool = True, deferred: bool = False):
     """AlexNet's training augmentation: a random crop x crop window at a uniformly random
     position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
-    Returns `echo` such views of each decoded image (independent draws), then the labels.
+    Returns `echo` such views of each decoded image (independent draws), each with its
+    per-sample mean if `deferred` (see augment), then the labels.
 
     Order: the order of the tar shards is reshuffled every epoch (same seed in every pipeline,
     so the num_shards reader shards read disjoint ranges of one order) and samples are mixed
@@ -124,13 +134,14 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
                              initial_fill=initial_fill, shuffle_after_epoch=True,
                              shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True, dont_use_mmap=not mmap)
     images = decode(jpegs, device, hw_decoder_load, cache_mb)
-    views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout) for _ in range(echo)]
+    views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout, device, deferred)
+             for _ in range(echo)]
     labels = label_bytes(cls, device)
     sources = fn.get_property(jpegs, key="source_info")
     if with_params:
-        (out, params), = views
-        return (out, labels, *params, sources)
-    return (*[out for out, _ in views], labels, *([sources] if with_sources else []))
+        (outs, params), = views
+        return (*outs, labels, *params, sources)
+    return (*[out for outs, _ in views for out in outs], labels, *([sources] if with_sources else []))
 
 
 @pipeline_def(enable_checkpointing=True)

@@ -26,7 +26,8 @@ from bench_loader import endless, stream_rate
 from bench_prepare import DEFAULT_SRC, sample_shards
 from bench_train import loader, model_and_ceiling, rate
 
-# name: (LoaderOptions fields, with "load" the hw_decoder_load; DALI Pipeline arguments;
+# name: (LoaderOptions fields, with "load" the hw_decoder_load and "shape" (pipelines, threads);
+# DALI Pipeline arguments;
 # Python's GIL switch interval while training)
 VARIANTS = {
     "default": ({}, {}, None),
@@ -41,6 +42,10 @@ VARIANTS = {
     "hw 0.75": ({"load": 0.75}, {}, None),
     "hw 0.5": ({"load": 0.5}, {}, None),
     "echo 2 hw 0.75": ({"echo": 2, "load": 0.75}, {}, None),
+    "dali normalize": ({"dali_normalize": True}, {}, None),  # the loader before 0.2.6
+    "echo 2 dali normalize": ({"echo": 2, "dali_normalize": True}, {}, None),
+    "6x3": ({"shape": (6, 3)}, {}, None),
+    "2x8": ({"shape": (2, 8)}, {}, None),
 }
 
 
@@ -50,7 +55,7 @@ def variant_loader(out, b, fields: dict, pipeline_args: dict):
     fields, original = dict(fields), alexpipe.loader.train_pipeline
     alexpipe.loader.train_pipeline = functools.partial(original, **pipeline_args)
     try:
-        stream = endless(loader(out, b, (4, 4, fields.pop("load", 1.0)), **fields))
+        stream = endless(loader(out, b, (*fields.pop("shape", (4, 4)), fields.pop("load", 1.0)), **fields))
         next(stream)
     finally:
         alexpipe.loader.train_pipeline = original
