@@ -90,23 +90,19 @@ def normalize(images, mean, std, crop: int, dtype, layout: str, **position):
                                     output_layout=layout, **position)
 
 
-def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype, layout: str, device: str,
-            deferred: bool):
+def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype, layout: str, deferred: bool):
     """One random view: crop window, flip, PCA lighting, normalization; and its draws. With
-    `deferred` the view is the uint8 crop, flipped, and its per-sample mean (lighting folded
-    in, on the output device): the loader normalizes it (loader.normalize_views), one cheap
-    pass in the model's dtype instead of DALI's float pass and a cast (docs/benchmarks.md)."""
+    `deferred` the view is only its draws: pos_x, pos_y, flip and the per-sample mean (the
+    lighting folded in), from which the loader crops, flips and normalizes the decoded image in
+    one pass (loader.crop_views), in place of DALI's crop-mirror-normalize and a cast."""
     pos_x = fn.random.uniform(range=(0.0, 1.0))
     pos_y = fn.random.uniform(range=(0.0, 1.0))
     mirror = fn.random.coin_flip(probability=0.5)
     mean_s, alpha = lighting_mean(mean, eigval, eigvec, lighting)
-    position = dict(crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
     if deferred:
-        out = fn.crop_mirror_normalize(images, crop=(crop, crop), dtype=types.UINT8, output_layout=layout, **position)
-        outs = [out, mean_s.gpu() if device == "gpu" else mean_s]
-    else:
-        outs = [normalize(images, mean_s, std, crop, dtype, layout, **position)]
-    return outs, (pos_x, pos_y, mirror, alpha)
+        return [pos_x, pos_y, mirror, mean_s], (pos_x, pos_y, mirror, alpha)
+    out = normalize(images, mean_s, std, crop, dtype, layout, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
+    return [out], (pos_x, pos_y, mirror, alpha)
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -117,8 +113,8 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
                    mmap: bool = True, deferred: bool = False):
     """AlexNet's training augmentation: a random crop x crop window at a uniformly random
     position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
-    Returns `echo` such views of each decoded image (independent draws), each with its
-    per-sample mean if `deferred` (see augment), then the labels.
+    Returns `echo` such views of each decoded image (independent draws), then the labels;
+    with `deferred`, the decoded images first and each view as its draws (see augment).
 
     Order: the order of the tar shards is reshuffled every epoch (same seed in every pipeline,
     so the num_shards reader shards read disjoint ranges of one order) and samples are mixed
@@ -134,14 +130,14 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
                              initial_fill=initial_fill, shuffle_after_epoch=True,
                              shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True, dont_use_mmap=not mmap)
     images = decode(jpegs, device, hw_decoder_load, cache_mb)
-    views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout, device, deferred)
-             for _ in range(echo)]
+    views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout, deferred) for _ in range(echo)]
+    head = [images] if deferred else []
     labels = label_bytes(cls, device)
     sources = fn.get_property(jpegs, key="source_info")
     if with_params:
         (outs, params), = views
-        return (*outs, labels, *params, sources)
-    return (*[out for outs, _ in views for out in outs], labels, *([sources] if with_sources else []))
+        return (*head, *outs, labels, *params, sources)
+    return (*head, *[out for outs, _ in views for out in outs], labels, *([sources] if with_sources else []))
 
 
 @pipeline_def(enable_checkpointing=True)

@@ -42,8 +42,8 @@ VARIANTS = {
     "hw 0.75": ({"load": 0.75}, {}, None),
     "hw 0.5": ({"load": 0.5}, {}, None),
     "echo 2 hw 0.75": ({"echo": 2, "load": 0.75}, {}, None),
-    "dali normalize": ({"dali_normalize": True}, {}, None),  # the loader before 0.2.6
-    "echo 2 dali normalize": ({"echo": 2, "dali_normalize": True}, {}, None),
+    "dali crop": ({"dali_crop": True}, {}, None),  # the loader before 0.2.6
+    "echo 2 dali crop": ({"echo": 2, "dali_crop": True}, {}, None),
     "6x3": ({"shape": (6, 3)}, {}, None),
     "2x8": ({"shape": (2, 8)}, {}, None),
 }
