@@ -1,6 +1,5 @@
-"""Triton kernels: the paper model's LRN on the GPU, one pass forward and one backward, as
-torch custom ops that torch.compile calls as they are; and the loader's crop, flip and
-normalization of a batch of views straight from the decoded images (crop_normalize).
+"""The paper model's LRN on the GPU as two Triton kernels, one pass forward and one backward,
+as torch custom ops that torch.compile calls as they are.
 
 The model's LRNs see channels_last maps, where each pixel's C channels lie side by side, so
 element e of the flat tensor is channel e % C and its window neighbours are e - 2 .. e + 2:
@@ -143,45 +142,3 @@ def _backward_op(ctx, dy, _dq):
 
 
 lrn_forward.register_autograd(_backward_op, setup_context=_setup)
-
-
-CROP_BLOCK = 1024  # output elements a program
-
-
-@triton.jit
-def _crop_normalize(rows, mean_ptr, inv_std_ptr, y_ptr, n, CROP: tl.constexpr, HWC: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = e < n
-    if HWC:  # output element e is (view b, row, column, channel c)
-        c, xx, yy, b = e % 3, (e // 3) % CROP, (e // (3 * CROP)) % CROP, e // (3 * CROP * CROP)
-    else:  # (b, c, row, column)
-        xx, yy, c, b = e % CROP, (e // CROP) % CROP, (e // (CROP * CROP)) % 3, e // (3 * CROP * CROP)
-    image = tl.load(rows + b * 5, mask=ok, other=0).to(tl.pointer_type(tl.uint8))  # the view's decoded image, HWC
-    width = tl.load(rows + b * 5 + 1, mask=ok, other=0)
-    top = tl.load(rows + b * 5 + 2, mask=ok, other=0)
-    left = tl.load(rows + b * 5 + 3, mask=ok, other=0)
-    mirror = tl.load(rows + b * 5 + 4, mask=ok, other=0)
-    col = left + tl.where(mirror != 0, CROP - 1 - xx, xx)
-    x = tl.load(image + ((top + yy) * width + col) * 3 + c, mask=ok, other=0).to(tl.float32)
-    m = tl.load(mean_ptr + b * 3 + c, mask=ok, other=0.0)
-    r = tl.load(inv_std_ptr + c, mask=ok, other=0.0)
-    tl.store(y_ptr + e, ((x - m) * r).to(y_ptr.dtype.element_ty), mask=ok)
-
-
-def crop_normalize(rows: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, crop: int, dtype: torch.dtype,
-                   hwc: bool) -> torch.Tensor:
-    """Views of decoded images as loader.crop_views makes them, in one pass: rows (B, 5) int64 on
-    this GPU, each the address of a view's uint8 (H, W, 3) image there, its width W, the window's
-    top and left, and 1 to mirror it; mean (B, 3); inv_std (3,). Returns (B, crop, crop, 3) with
-    hwc, else (B, 3, crop, crop), rounded once to `dtype`."""
-    b = len(rows)
-    y = torch.empty((b, crop, crop, 3) if hwc else (b, 3, crop, crop), dtype=dtype, device=rows.device)
-    n = y.numel()
-    if n >= 2**31:
-        raise ValueError(f"alexpipe's crop_normalize makes under 2**31 elements, not {n}")
-    if n:
-        _crop_normalize[(triton.cdiv(n, CROP_BLOCK),)](rows.contiguous(), mean.float().contiguous(),
-                                                       inv_std.float().contiguous(), y, n, CROP=crop, HWC=hwc,
-                                                       BLOCK=CROP_BLOCK, num_warps=4)
-    return y

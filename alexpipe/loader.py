@@ -46,12 +46,7 @@ from .pipeline import eval_pipeline, train_pipeline
 from .runtime import Runtime
 from .util import Help, UserError, default_workers, run_main, save_png
 
-try:  # the training views' GPU kernel; CUDA builds of torch bring Triton, CPU builds need not
-    from . import _kernels
-except ImportError:
-    _kernels = None
-
-# DALI has no bf16: fp16 out, cast on the device (where DALI normalizes: evaluation, dali_crop)
+# DALI has no bf16: fp16 out, cast on the device
 DTYPES = {"bf16": (types.FLOAT16, torch.bfloat16), "fp16": (types.FLOAT16, torch.float16),
           "fp32": (types.FLOAT, torch.float32)}
 PIPELINES_GPU, THREADS_GPU = 4, 4  # per rank on a GPU: more decodes in flight, fewer threads each
@@ -78,8 +73,6 @@ class LoaderOptions:
     fixed_share: bool = False  # each rank keeps one share of the samples (implied by a cache; see Layout)
     mmap: bool = True  # map the shards (their pages count in RSS) or read them (RSS stays flat; see read_shards)
     handover: bool | None = None  # batches made on a thread of their own (see handed_over); default: on a GPU
-    dali_crop: bool = False  # training views by DALI's crop-mirror-normalize and a cast; default: DALI decodes
-    # and draws, and the loader makes each batch of views in one pass (crop_views)
 
     def check(self) -> None:
         for name in ("batch_size", "prefetch", "echo", "initial_fill", "crop"):
@@ -98,35 +91,10 @@ class LoaderOptions:
         threads = self.threads or (THREADS_GPU if rt.cuda else max(1, default_workers() // pipelines))
         if not train:
             return dataclasses.replace(self, pipelines=1, threads=threads, echo=1, cache="off", fixed_share=False,
-                                       handover=False, dali_crop=True)
+                                       handover=False)
         # the handover measured to pay on a GPU, from a cache and while decoding (docs/benchmarks.md, 0.2.5)
         handover = rt.cuda if self.handover is None else self.handover
         return dataclasses.replace(self, pipelines=pipelines, threads=threads, handover=handover)
-
-
-def crop_geometry(shapes, pos_x, pos_y, mirror, crop: int) -> np.ndarray:
-    """(B, 4) int64 rows (width, top, left, mirror): each view's crop x crop window of its
-    (H, W, 3) image at round-half-up(pos * (size - crop)), as DALI places crops."""
-    hw = np.asarray(shapes, np.int64).reshape(-1, 3)[:, :2]
-    if (small := hw.min(1) < crop).any():
-        h, w = hw[small.argmax()]
-        raise UserError(f"an image of {w}x{h} px is smaller than the crop of {crop} px: lower the crop")
-    top = np.floor(np.asarray(pos_y, np.float64).reshape(-1) * (hw[:, 0] - crop) + 0.5)
-    left = np.floor(np.asarray(pos_x, np.float64).reshape(-1) * (hw[:, 1] - crop) + 0.5)
-    return np.stack([hw[:, 1], top, left, np.asarray(mirror).reshape(-1)], 1).astype(np.int64)
-
-
-def crop_views(images: list[np.ndarray], geo: np.ndarray, mean: torch.Tensor, inv_std: torch.Tensor, crop: int,
-               dtype: torch.dtype, hwc: bool) -> torch.Tensor:
-    """Training views as the model takes them: each view's window (geo, crop_geometry's rows)
-    of its uint8 (H, W, 3) image, mirrored where it says, then (x - mean[b, c]) * inv_std[c] in
-    float32 rounded once to `dtype` (mean (B, 3): each view's own, PCA lighting folded in).
-    (B, crop, crop, 3) with hwc, else (B, 3, crop, crop). On a GPU _kernels.crop_normalize
-    does the same in one pass."""
-    x = torch.from_numpy(np.stack([img[t:t + crop, x0:x0 + crop][:, ::-1 if m else 1]
-                                   for img, (_, t, x0, m) in zip(images, geo)]))
-    y = ((x.float() - mean.float().view(-1, 1, 1, 3)) * inv_std.float().view(1, 1, 3)).to(dtype)
-    return y if hwc else y.permute(0, 3, 1, 2).contiguous()
 
 
 def parse_labels(padded: torch.Tensor) -> torch.Tensor:
@@ -235,14 +203,9 @@ class DaliLoader:
     """
 
     def __init__(self, make_pipe, layout: Layout, options: LoaderOptions, rt: Runtime, *, train: bool,
-                 state: dict | None = None, std: list[float] | None = None):
+                 state: dict | None = None):
         pipelines, b = len(layout.ids), options.batch_size
         self.options, self.batch_size, self.rank_size = options, b, sum(layout.mine)
-        # deferred: a run gives the decoded images, each view's draws (4 outputs), the labels
-        self.deferred = not options.dali_crop
-        self.labels_at = 1 + 4 * options.echo if self.deferred else options.echo
-        self.inv_std = torch.tensor([1 / v for v in std], device=rt.device) if self.deferred else None
-        self._read = None  # a CUDA event after the last views made (see _kept)
         self.echo, self.fixed_share = options.echo, layout.fixed
         self.torch_dtype, self.channels_last, self.device = DTYPES[rt.precision][1], rt.channels_last, rt.device
         self.handover = bool(options.handover)
@@ -271,10 +234,9 @@ class DaliLoader:
     def _check_state(self, state: dict | None, pipelines: int) -> None:
         if not state:
             return
-        written = {"pipelines": len(state["dali"]), "echo": state.get("echo", 1),  # (states of 0.1.0 had neither,
-                   "fixed_share": state.get("fixed_share", False), "dali_crop": state.get("dali_crop", True)}  # <0.2.6)
-        for key, value in (("pipelines", pipelines), ("echo", self.echo), ("fixed_share", self.fixed_share),
-                           ("dali_crop", not self.deferred)):
+        written = {"pipelines": len(state["dali"]), "echo": state.get("echo", 1),
+                   "fixed_share": state.get("fixed_share", False)}  # (states of 0.1.0 had neither)
+        for key, value in (("pipelines", pipelines), ("echo", self.echo), ("fixed_share", self.fixed_share)):
             if written[key] != value:
                 what = " (a decoder cache implies a fixed share: the same --cache)" if key == "fixed_share" else ""
                 raise UserError(f"the loader state was written with {key}={written[key]}, not {key}={value}{what}")
@@ -291,7 +253,7 @@ class DaliLoader:
     def _state(self) -> dict:
         dali = list(self._checkpoints) if self._checkpoints else [p.checkpoint() for p in self.pipes]
         return {"epoch": self.epoch, "batch": self.batch, "echo": self.echo, "fixed_share": self.fixed_share,
-                "dali_crop": not self.deferred, "dali": dali}
+                "dali": dali}
 
     def _run(self, i: int):
         outs = self.pipes[i].run()
@@ -316,45 +278,6 @@ class DaliLoader:
             x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.permute(0, 1, 4, 2, 3)
         # handed over, a batch is torch's memory (DALI's own is released on the making thread's stream)
         return x if x.dtype == self.torch_dtype and not self.handover else x.to(self.torch_dtype, copy=True)
-
-    def _decoded(self, tl):
-        """A deferred run's decoded images (after DALI's work on them): on a GPU their addresses,
-        else their arrays."""
-        if self.device.type != "cuda":
-            return [np.asarray(tl[i]) for i in range(len(tl))]
-        if stream := tl.stream:
-            torch.cuda.current_stream(self.device).wait_stream(torch.cuda.ExternalStream(stream, device=self.device))
-        return np.array([tl[i].data_ptr() for i in range(len(tl))], np.int64)
-
-    def _draws(self, outs, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """View k's windows (crop_geometry) and means, of a deferred run."""
-        px, py, mirror, mean = (np.asarray(outs[1 + 4 * k + j].as_tensor()) for j in range(4))
-        return crop_geometry(outs[0].shape(), px, py, mirror, self.options.crop), mean.reshape(-1, 3)
-
-    def _views(self, images, geo: np.ndarray, mean: np.ndarray) -> torch.Tensor:
-        """A batch of views: on a GPU one kernel on the current stream, reading the decoded images
-        in place (so they outlive it: see _kept)."""
-        if self.device.type == "cuda":
-            rows = torch.from_numpy(np.concatenate([images[:, None], geo], 1)).pin_memory()
-            x = _kernels.crop_normalize(rows.to(self.device, non_blocking=True),
-                                        torch.from_numpy(mean).pin_memory().to(self.device, non_blocking=True),
-                                        self.inv_std, self.options.crop, self.torch_dtype, self.channels_last)
-            self._read = torch.cuda.Event()
-            self._read.record()
-        else:
-            x = crop_views(images, geo, torch.from_numpy(mean), self.inv_std, self.options.crop, self.torch_dtype,
-                           self.channels_last)
-        return x.permute(0, 3, 1, 2) if self.channels_last else x
-
-    @contextlib.contextmanager
-    def _kept(self):
-        """DALI's outputs used inside stay alive until the views made inside have read them."""
-        try:
-            yield
-        finally:
-            if self._read is not None:
-                self._read.synchronize()
-                self._read = None
 
     def __iter__(self):
         if not self.handover:
@@ -390,38 +313,24 @@ class DaliLoader:
         for b in range(self.batch, self.length):
             outs = self._run(b % len(self.pipes))
             keep = min(self.batch_size, self.rank_size - b * self.batch_size)  # eval's last batch: no padding
-            with self._kept():
-                images = (self._views(self._decoded(outs[0]), *self._draws(outs, 0)) if self.deferred
-                          else self._images(self._torch(outs[0], keep)))
-                batch = (images, parse_labels(self._torch(outs[self.labels_at], keep)))
-                self.batch = b + 1
-                yield (*batch, self._strings(outs[self.labels_at + 1], keep)) if self.options.sources else batch
+            batch = (self._images(self._torch(outs[0], keep)), parse_labels(self._torch(outs[1], keep)))
+            self.batch = b + 1
+            yield (*batch, self._strings(outs[2], keep)) if self.options.sources else batch
 
     def _echoed(self):
-        per_round, at = len(self.pipes) * self.echo, self.labels_at
+        per_round, labels_at = len(self.pipes) * self.echo, self.echo
         for r in range(self.batch // per_round, self.length // per_round):
             outs = [self._run(i) for i in range(len(self.pipes))]
-            labels = torch.cat([parse_labels(self._torch(o[at])) for o in outs])
-            sources = [s for o in outs for s in self._strings(o[at + 1])] if self.options.sources else None
-            gen = torch.Generator().manual_seed(hash((self.options.seed, self.epoch, r)) % 2**62)
-            decoded = [self._decoded(o[0]) for o in outs] if self.deferred else None
-            with self._kept():
-                for k in range(self.echo):
-                    if self.deferred:
-                        geo, mean = (np.concatenate(parts) for parts in zip(*(self._draws(o, k) for o in outs)))
-                        images = np.concatenate(decoded) if self.device.type == "cuda" else sum(decoded, [])
-                    else:
-                        views = torch.cat([self._torch(o[k]) for o in outs])
-                    for part in torch.randperm(len(labels), generator=gen).split(self.batch_size):
-                        self.batch += 1
-                        if self.deferred:
-                            i = part.numpy()
-                            x = self._views(images[i] if self.device.type == "cuda" else [images[j] for j in i],
-                                            geo[i], mean[i])
-                        else:
-                            x = self._images(views[part.to(views.device)])
-                        batch = (x, labels[part.to(labels.device)])
-                        yield (*batch, [sources[i] for i in part.tolist()]) if self.options.sources else batch
+            labels = torch.cat([parse_labels(self._torch(o[labels_at])) for o in outs])
+            sources = [s for o in outs for s in self._strings(o[labels_at + 1])] if self.options.sources else None
+            gen = torch.Generator(labels.device).manual_seed(hash((self.options.seed, self.epoch, r)) % 2**62)
+            for k in range(self.echo):
+                views = torch.cat([self._torch(o[k]) for o in outs])
+                order = torch.randperm(len(labels), generator=gen, device=labels.device)
+                for part in order.split(self.batch_size):
+                    self.batch += 1
+                    batch = (self._images(views[part]), labels[part])
+                    yield (*batch, [sources[i] for i in part.tolist()]) if self.options.sources else batch
 
 
 _END = object()
@@ -533,10 +442,6 @@ def train_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime
     (default: this process's device, rank and world); `state`: a state_dict() to resume from;
     `log` (print, say) gets the line on the decoder cache."""
     data, rt, o, shards = open_split(data, runtime, options, split, train=True)
-    if state and "dali_crop" not in state:  # written before 0.2.6: resumes in the graph it was written with
-        o = dataclasses.replace(o, dali_crop=True)
-    if rt.cuda and _kernels is None:  # the loader's views need Triton on a GPU
-        o = dataclasses.replace(o, dali_crop=True)
     cache_gb, note = plan_cache(o, cache_gb_needed(shards, rt.rank, rt.world), rt)
     if log and o.cache != "off":
         log(note)
@@ -556,10 +461,9 @@ def train_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime
                               cache_mb=math.ceil(cache_gb * 1e9 / 2**20), echo=o.echo, with_sources=o.sources,
                               batch_size=o.batch_size, seed=o.seed * 100_003 + shard_id,
                               prefetch_queue_depth=o.prefetch, checkpoint=checkpoint, num_threads=o.threads,
-                              device_id=rt.local_rank if rt.cuda else None, mmap=o.mmap,
-                              deferred=not o.dali_crop)
+                              device_id=rt.local_rank if rt.cuda else None, mmap=o.mmap)
 
-    loader = DaliLoader(make, layout, o, rt, train=True, state=state, std=pca["std"])
+    loader = DaliLoader(make, layout, o, rt, train=True, state=state)
     loader.share_dir, loader.cache_gb = tmp, cache_gb  # the cut index files live as long as the loader
     return loader
 

@@ -90,19 +90,14 @@ def normalize(images, mean, std, crop: int, dtype, layout: str, **position):
                                     output_layout=layout, **position)
 
 
-def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype, layout: str, deferred: bool):
-    """One random view: crop window, flip, PCA lighting, normalization; and its draws. With
-    `deferred` the view is only its draws: pos_x, pos_y, flip and the per-sample mean (the
-    lighting folded in), from which the loader crops, flips and normalizes the decoded image in
-    one pass (loader.crop_views), in place of DALI's crop-mirror-normalize and a cast."""
+def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype, layout: str):
+    """One random view: crop window, flip, PCA lighting, normalization; and its draws."""
     pos_x = fn.random.uniform(range=(0.0, 1.0))
     pos_y = fn.random.uniform(range=(0.0, 1.0))
     mirror = fn.random.coin_flip(probability=0.5)
     mean_s, alpha = lighting_mean(mean, eigval, eigvec, lighting)
-    if deferred:
-        return [pos_x, pos_y, mirror, mean_s], (pos_x, pos_y, mirror, alpha)
     out = normalize(images, mean_s, std, crop, dtype, layout, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
-    return [out], (pos_x, pos_y, mirror, alpha)
+    return out, (pos_x, pos_y, mirror, alpha)
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -110,11 +105,10 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
                    lighting: float = 0.1, crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW",
                    initial_fill: int = 4096, shuffle_seed: int = 0, hw_decoder_load: float = 1.0,
                    cache_mb: int = 0, echo: int = 1, with_params: bool = False, with_sources: bool = False,
-                   mmap: bool = True, deferred: bool = False):
+                   mmap: bool = True):
     """AlexNet's training augmentation: a random crop x crop window at a uniformly random
     position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
-    Returns `echo` such views of each decoded image (independent draws), then the labels;
-    with `deferred`, the decoded images first and each view as its draws (see augment).
+    Returns `echo` such views of each decoded image (independent draws), then the labels.
 
     Order: the order of the tar shards is reshuffled every epoch (same seed in every pipeline,
     so the num_shards reader shards read disjoint ranges of one order) and samples are mixed
@@ -130,14 +124,13 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
                              initial_fill=initial_fill, shuffle_after_epoch=True,
                              shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True, dont_use_mmap=not mmap)
     images = decode(jpegs, device, hw_decoder_load, cache_mb)
-    views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout, deferred) for _ in range(echo)]
-    head = [images] if deferred else []
+    views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout) for _ in range(echo)]
     labels = label_bytes(cls, device)
     sources = fn.get_property(jpegs, key="source_info")
     if with_params:
-        (outs, params), = views
-        return (*head, *outs, labels, *params, sources)
-    return (*head, *[out for outs, _ in views for out in outs], labels, *([sources] if with_sources else []))
+        (out, params), = views
+        return (out, labels, *params, sources)
+    return (*[out for out, _ in views], labels, *([sources] if with_sources else []))
 
 
 @pipeline_def(enable_checkpointing=True)

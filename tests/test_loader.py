@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import platform
 import shutil
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,7 +18,7 @@ from PIL import Image
 
 from alexpipe.dataset import Prepared, iter_samples
 from alexpipe.loader import (CACHE_RESERVE_GB, LoaderOptions, cache_gb_needed, cuda_queues_note, eval_loader,
-                             crop_geometry, crop_views, parse_labels, plan_cache, train_loader)
+                             parse_labels, plan_cache, train_loader)
 from alexpipe.pipeline import train_pipeline
 from alexpipe.util import UserError
 from conftest import cpu, cuda
@@ -54,8 +50,6 @@ def reference_train(img, pos_x, pos_y, mirror, alpha, p) -> np.ndarray:
 
 
 def run_train_params(out: Path, batches: int, batch_size: int = 16, seed: int = 0, **kw):
-    """Rows of one view each: x its pixels as the graph gives them (with deferred=True the
-    decoded image, and `mean` the view's per-sample mean), its label and its random draws."""
     data = Prepared.open(out)
     p, shards = data.pca, data.split("train")
     pipe = train_pipeline(shards, "cpu", 0, 1, p["mean"], p["std"], p["eigval"], p["eigvec"], with_params=True,
@@ -64,12 +58,10 @@ def run_train_params(out: Path, batches: int, batch_size: int = 16, seed: int = 
     pipe.build()
     rows = []
     for _ in range(batches):
-        outs = pipe.run()
-        (out_, *draws), (labels, px, py, mir, alpha, src) = outs[:-6], outs[-6:]
+        out_, labels, px, py, mir, alpha, src = pipe.run()
         parsed = parse_labels(torch.from_numpy(np.array(labels.as_tensor())))
         for i in range(len(labels)):
-            rows.append(dict(x=np.array(out_[i]), mean=np.array(draws[3][i]) if draws else None,
-                             label=int(parsed[i]), px=float(np.array(px[i])),
+            rows.append(dict(x=np.array(out_[i]), label=int(parsed[i]), px=float(np.array(px[i])),
                              py=float(np.array(py[i])), mirror=int(np.array(mir[i])), alpha=np.array(alpha[i]),
                              src=bytes(np.array(src[i])).decode()))
     return p, rows
@@ -89,81 +81,6 @@ def test_train_pixels_equal_the_papers_transform(any_ready):
     for r in half:
         ref = reference_train(read_jpeg(r["src"]), r["px"], r["py"], r["mirror"], r["alpha"], p)
         np.testing.assert_allclose(r["x"].astype(np.float64), ref, atol=4e-3)  # fp16 rounding at |x| < 4
-
-
-def test_loaders_views_equal_the_papers_transform(any_ready):
-    """DALI's decoded images and draws, made into views by crop_views (the loader's training
-    path): the paper's transform in float32; in bf16 / fp16 that value rounded once."""
-    p, rows = run_train_params(any_ready, batches=2, deferred=True)
-    inv_std = torch.tensor([1 / v for v in p["std"]])
-    images, mean = [r["x"] for r in rows], torch.from_numpy(np.stack([r["mean"] for r in rows]))
-    geo = crop_geometry([x.shape for x in images], [r["px"] for r in rows], [r["py"] for r in rows],
-                        [r["mirror"] for r in rows], 224)
-    assert images[0].dtype == np.uint8 and 0 < geo[:, 3].sum() < len(rows)
-    got = crop_views(images, geo, mean, inv_std, 224, torch.float32, hwc=False)
-    refs = np.stack([reference_train(read_jpeg(r["src"]), r["px"], r["py"], r["mirror"], r["alpha"], p)
-                     for r in rows])
-    assert got.shape == (len(rows), 3, 224, 224)
-    np.testing.assert_allclose(got.numpy(), refs, atol=2e-4)
-    hwc = crop_views(images, geo, mean, inv_std, 224, torch.float32, hwc=True)
-    assert torch.equal(hwc.permute(0, 3, 1, 2), got)
-    for dtype in (torch.bfloat16, torch.float16):
-        assert torch.equal(crop_views(images, geo, mean, inv_std, 224, dtype, hwc=False), got.to(dtype))
-    with pytest.raises(UserError, match="smaller than the crop of 300 px"):
-        crop_geometry([x.shape for x in images], [0.5] * len(rows), [0.5] * len(rows), [0] * len(rows), 300)
-
-
-def crop_kernel_against_formula(device: str) -> None:
-    """alexpipe's Triton crop-flip-normalize equals crop_views' formula on the CPU, bit for bit
-    (on a GPU; Triton's interpreter rounds to bf16 its own way, so there within one bf16 step)."""
-    from alexpipe import _kernels
-    g = torch.Generator().manual_seed(0)
-    sizes = [(30, 41), (24, 24), (40, 29), (25, 37)]
-    images = [torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8) for h, w in sizes]
-    pos = torch.rand(2, len(sizes), generator=g).numpy()
-    geo = crop_geometry([x.shape for x in images], pos[0], pos[1], [1, 0, 1, 0], 24)
-    mean, inv_std = torch.rand(len(sizes), 3, generator=g) * 255, 1 / (torch.rand(3, generator=g) * 60 + 10)
-    on = [x.to(device) for x in images]  # the kernel reads each image where it lies, by its address
-    rows = torch.from_numpy(np.concatenate([np.array([[x.data_ptr()] for x in on]), geo], 1)).to(device)
-    for hwc in (True, False):
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            got = _kernels.crop_normalize(rows, mean.to(device), inv_std.to(device), 24, dtype, hwc)
-            want = crop_views([x.numpy() for x in images], geo, mean, inv_std, 24, dtype, hwc)
-            assert got.dtype == dtype and got.shape == want.shape, (hwc, dtype)
-            if device == "cpu" and dtype == torch.bfloat16:
-                torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
-            else:
-                assert torch.equal(got.cpu(), want), (hwc, dtype)
-            assert want.float().abs().max() > 1  # normalized, not the pixels
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the views' GPU kernel")
-def test_crop_kernel_on_cuda_equals_the_formula():
-    crop_kernel_against_formula("cuda")
-
-
-def test_crop_kernel_equals_the_formula_in_tritons_interpreter():
-    """The GPU kernel's logic on the CPU, as test_model does for the LRN's kernels."""
-    if not (sys.platform == "linux" and platform.machine() == "x86_64"):
-        pytest.importorskip("triton")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_loader as t\n"
-            "t.crop_kernel_against_formula('cpu')\n")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def test_loaders_views_come_as_dali_crops_did(any_ready):
-    """Views made by the loader or by DALI's crop: the same samples, in the runtime's dtype and
-    memory format, normalized alike (the windows differ: the two graphs draw with other seeds)."""
-    def first(**kw):
-        options = LoaderOptions(batch_size=16, initial_fill=16, **kw)
-        return next(iter(train_loader(any_ready, options, runtime=cpu(precision="bf16", channels_last=True))))
-
-    (x, y), (xd, yd) = first(), first(dali_crop=True)
-    assert torch.equal(y, yd) and x.dtype == xd.dtype == torch.bfloat16 and x.shape == xd.shape == (16, 3, 224, 224)
-    assert x.is_contiguous(memory_format=torch.channels_last) and xd.is_contiguous(memory_format=torch.channels_last)
-    assert abs(x.float().mean() - xd.float().mean()) < 0.1 and abs(x.float().std() - xd.float().std()) < 0.1
 
 
 def test_parse_labels():
@@ -589,19 +506,14 @@ def test_eval_refuses_more_ranks_than_samples_on_every_rank(unique_out):
 
 
 def test_a_state_without_the_newer_keys_still_resumes(synth_ready):
-    """A loader state written before echo, fixed shares and the loader's own views existed
-    resumes as echo 1, moving, with DALI's crop (the graph it was written with)."""
-    def make(state=None, **kw):
-        return train_loader(synth_ready, LoaderOptions(batch_size=8, initial_fill=64, **kw), runtime=cpu(),
-                            state=state)
-    first = make(dali_crop=True)
+    """A loader state written before echo and fixed shares existed resumes as echo 1, moving."""
+    def make(state=None):
+        return train_loader(synth_ready, LoaderOptions(batch_size=8, initial_fill=64), runtime=cpu(), state=state)
+    first = make()
     for _ in first:
         pass
-    state = {k: v for k, v in first.state_dict().items() if k not in ("echo", "fixed_share", "dali_crop")}
-    resumed = make(state=state)
-    assert resumed.epoch == 1 and not resumed.deferred and len(list(resumed)) == len(first)
-    with pytest.raises(UserError, match="written with dali_crop=False, not dali_crop=True"):
-        make(state=make().state_dict(), dali_crop=True)
+    state = {k: v for k, v in first.state_dict().items() if k not in ("echo", "fixed_share")}
+    assert make(state=state).epoch == 1
 
 
 def resident_file_mb() -> float:

@@ -42,9 +42,9 @@ VARIANTS = {
     "hw 0.75": ({"load": 0.75}, {}, None),
     "hw 0.5": ({"load": 0.5}, {}, None),
     "echo 2 hw 0.75": ({"echo": 2, "load": 0.75}, {}, None),
-    "dali crop": ({"dali_crop": True}, {}, None),  # the loader before 0.2.6
-    "echo 2 dali crop": ({"echo": 2, "dali_crop": True}, {}, None),
     "6x3": ({"shape": (6, 3)}, {}, None),
+    "6x2": ({"shape": (6, 2)}, {}, None),
+    "3x4": ({"shape": (3, 4)}, {}, None),
     "2x8": ({"shape": (2, 8)}, {}, None),
 }
 
