@@ -61,6 +61,7 @@ profile)
     python3 tools/bench_knobs.py --out "$work/bench" --variants "default,no mmap,old executor,prefetch 4,switch 0.2ms,affinity,echo 2,echo 2 no mmap" 2>&1 | tee "$log/bench_knobs.log"
     python3 tools/bench_knobs.py --out "$work/bench" --repeats 4 \
         --variants "default,echo 2,hw 0.9,hw 0.75,hw 0.5,echo 2 hw 0.75" 2>&1 | tee -a "$log/bench_knobs.log"
+    python3 tools/bench_knobs.py --out "$work/bench" --variants "default,6x3,6x2,3x4,2x8" 2>&1 | tee -a "$log/bench_knobs.log"
     python3 tools/bench_neighbors.py --out "$work/bench" --queries 500 2>&1 | grep -v "it/s\]" \
         | tee "$log/bench_neighbors.log"
     if [ -n "${PRIORITY_TEST:-}" ]; then  # an experiment script: decoding on high/low-priority streams
