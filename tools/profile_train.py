@@ -105,8 +105,9 @@ def loader_work(kernels, steps: int, model_stream, top: int = 4) -> str:
     total = {}
     for e in kernels:
         if e["args"].get("stream") != model_stream:
-            n, t = total.get(short_name(e["name"]), (0, 0.0))
-            total[short_name(e["name"])] = (n + 1, t + e["dur"])
+            name = short_name(e["name"])
+            n, t = total.get(name, (0, 0.0))
+            total[name] = (n + 1, t + e["dur"])
     best = sorted(total.items(), key=lambda kv: -kv[1][1])[:top]
     return ", ".join(f"{name} {n / steps:.0f}x {t / n:.1f} us = {t / 1e3 / steps:.2f} ms" for name, (n, t) in best)
 
