@@ -19,14 +19,17 @@ import time
 from pathlib import Path
 
 import torch
+from nvidia.dali import fn, types
 
 import alexpipe.loader
+import alexpipe.pipeline
 from alexpipe.runtime import priority_stream
 from bench_loader import endless, stream_rate
 from bench_prepare import DEFAULT_SRC, sample_shards
 from bench_train import loader, model_and_ceiling, rate
 
-# name: (LoaderOptions fields, with "load" the hw_decoder_load and "shape" (pipelines, threads);
+# name: (LoaderOptions fields, with "load" the hw_decoder_load, "shape" (pipelines, threads) and
+# "decoder" more arguments of the GPU decoder;
 # DALI Pipeline arguments;
 # Python's GIL switch interval while training)
 VARIANTS = {
@@ -46,20 +49,36 @@ VARIANTS = {
     "6x2": ({"shape": (6, 2)}, {}, None),
     "3x4": ({"shape": (3, 4)}, {}, None),
     "2x8": ({"shape": (2, 8)}, {}, None),
+    # the hardware decoder's buffers sized up front for 256 images of up to 512 x 512 (DALI's default: 1 x 1)
+    "prealloc": ({"decoder": {"preallocate_width_hint": 512, "preallocate_height_hint": 512}}, {}, None),
 }
 
 
 def variant_loader(out, b, fields: dict, pipeline_args: dict):
     """An endless stream of the variant's batches, its pipelines built (the DALI arguments
-    reach them through the loader's pipeline function, swapped while it builds)."""
-    fields, original = dict(fields), alexpipe.loader.train_pipeline
+    reach them through the loader's pipeline and decode functions, swapped while it builds)."""
+    fields, original, decode = dict(fields), alexpipe.loader.train_pipeline, alexpipe.pipeline.decode
     alexpipe.loader.train_pipeline = functools.partial(original, **pipeline_args)
+    alexpipe.pipeline.decode = decoder_with(fields.pop("decoder", {}))
     try:
         stream = endless(loader(out, b, (*fields.pop("shape", (4, 4)), fields.pop("load", 1.0)), **fields))
         next(stream)
     finally:
-        alexpipe.loader.train_pipeline = original
+        alexpipe.loader.train_pipeline, alexpipe.pipeline.decode = original, decode
     return stream
+
+
+def decoder_with(extra: dict):
+    """alexpipe.pipeline.decode with more arguments for the GPU decoder (none: itself)."""
+    decode = alexpipe.pipeline.decode
+    if not extra:
+        return decode
+
+    def decode_more(jpegs, device, hw_decoder_load=1.0, cache_mb=0):
+        if device != "gpu" or cache_mb:
+            return decode(jpegs, device, hw_decoder_load, cache_mb)
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load, **extra)
+    return decode_more
 
 
 def timed_with(switch, fn):
