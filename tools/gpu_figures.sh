@@ -11,7 +11,7 @@
 #            model on the default stream beside the default highest-priority one; the
 #            decoder cache again on a 4x larger set (JPEG_DIR x 240, --cache-only)
 #   profile  tools/profile_train.py for both archs; tools/bench_host.py; tools/bench_decode.py;
-#            tools/bench_knobs.py; tools/bench_neighbors.py
+#            tools/bench_knobs.py; tools/bench_beside.py; tools/bench_neighbors.py
 #   real     tools/real_run.sh with and without --echo 2 (same steps), alexpipe-neighbors
 set -euo pipefail
 stage=$1; src=$(cd "$2" && pwd); work=$3; log=$4
@@ -62,6 +62,11 @@ profile)
     python3 tools/bench_knobs.py --out "$work/bench" --repeats 4 \
         --variants "default,echo 2,hw 0.9,hw 0.75,hw 0.5,echo 2 hw 0.75" 2>&1 | tee -a "$log/bench_knobs.log"
     python3 tools/bench_knobs.py --out "$work/bench" --variants "default,6x3,6x2,3x4,2x8" 2>&1 | tee -a "$log/bench_knobs.log"
+    for b in 128 256; do
+        python3 tools/bench_knobs.py --out "$work/bench" --batch-size $b --variants "default,prealloc,echo 2" 2>&1 \
+            | tee -a "$log/bench_knobs.log"
+    done
+    python3 tools/bench_beside.py --out "$work/bench" 2>&1 | tee "$log/bench_beside.log"
     python3 tools/bench_neighbors.py --out "$work/bench" --queries 500 2>&1 | grep -v "it/s\]" \
         | tee "$log/bench_neighbors.log"
     if [ -n "${PRIORITY_TEST:-}" ]; then  # an experiment script: decoding on high/low-priority streams
