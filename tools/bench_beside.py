@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         gc.collect()
         if "graphs" in parts:
             print("\ngraphs: torchvision's step", flush=True)
-            for mode in ("default", "reduce-overhead"):
+            for mode in ("reduce-overhead", "default"):
                 torch._dynamo.reset()
                 model_figures(f"compiled, mode {mode}", training_step("torchvision", mode=mode), out, args.batch_size)
         if "batch" in parts:
