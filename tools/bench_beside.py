@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from alexpipe.runtime import priority_stream
+from bench_host import rate as fed  # images/s of step on the loader's batches, after a warm-up
 from bench_loader import endless, stream_rate
 from bench_prepare import DEFAULT_SRC, sample_shards
 from bench_train import loader
@@ -82,20 +83,6 @@ def beside(work, batches) -> tuple[float, float]:
     stop.set()
     thread.join()
     return r, d
-
-
-def fed(step, batches, steps: int = 150) -> float:
-    """Images/s of `step` on the loader's batches."""
-    for x, y in (next(batches) for _ in range(10)):
-        step(x, y)
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    for _ in range(steps):
-        x, y = next(batches)
-        step(x, y)
-        n += len(y)
-    torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
 
 
 def synthetic(step, b: int):
