@@ -105,6 +105,7 @@ def loads_part(out, b: int) -> None:
              "1-us kernels x2000": graph(lambda: tiny.add_(1.0), 2000)}
     works = {name: (lambda g=g: (g.replay(), 1)[1]) for name, g in loads.items()}
     works["torchvision's training step, synthetic"] = synthetic(training_step("torchvision"), b)
+    run_for(works["torchvision's training step, synthetic"], 0.5)  # compiles, so that its timing alone is not
     batches = endless(loader(out, b, (4, 4, 1.0)))
     alone = {name: run_for(work) for name, work in works.items()}
     d, r, dd = [], {n: [] for n in works}, {n: [] for n in works}
