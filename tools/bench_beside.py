@@ -12,6 +12,9 @@ Parts (--parts, comma-separated), each timed in interleaved rounds, medians:
            synthetic data beside the drained loader, (a) fed by it, (d)
   graphs   torchvision's step compiled, and as one CUDA graph a step (reduce-overhead): the
            same three figures
+  cpu      that graph beside the GPU loader, a CPU-decoding loader (libjpeg-turbo on
+           --cpu-threads cores, batches copied to the GPU; no per-image GPU work), and both:
+           do the two decoders add up beside a busy model? (not in the default --parts)
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_beside.py --out OUT [--parts loads,kernels,batch,graphs]
 """
@@ -29,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from alexpipe.runtime import priority_stream
+from alexpipe.loader import LoaderOptions, train_loader
+from alexpipe.runtime import Runtime, priority_stream
 from bench_host import rate as fed  # images/s of step on the loader's batches, after a warm-up
 from bench_loader import endless, stream_rate
 from bench_prepare import DEFAULT_SRC, sample_shards
@@ -67,21 +71,23 @@ def run_for(work, seconds: float = 1.5) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def beside(work, batches) -> tuple[float, float]:
-    """(work's rate, the loader's images/s) while a thread drains `batches`."""
-    stop, count = threading.Event(), [0]
+def beside(work, *streams) -> tuple[float, float]:
+    """(work's rate, the loaders' images/s together) while a thread drains each of `streams`."""
+    stop, counts = threading.Event(), [0] * len(streams)
 
-    def drain():
+    def drain(i, batches):
         while not stop.is_set():
-            count[0] += len(next(batches)[0])
-    thread = threading.Thread(target=drain, daemon=True)
-    thread.start()
+            counts[i] += len(next(batches)[0])
+    threads = [threading.Thread(target=drain, args=(i, s), daemon=True) for i, s in enumerate(streams)]
+    for thread in threads:
+        thread.start()
     time.sleep(0.3)
-    c0, t0 = count[0], time.perf_counter()
+    c0, t0 = sum(counts), time.perf_counter()
     r = run_for(work)
-    d = (count[0] - c0) / (time.perf_counter() - t0)
+    d = (sum(counts) - c0) / (time.perf_counter() - t0)
     stop.set()
-    thread.join()
+    for thread in threads:
+        thread.join()
     return r, d
 
 
@@ -160,6 +166,25 @@ def model_figures(name: str, step, out, b: int) -> None:
     gc.collect()
 
 
+def cpu_part(out, b: int, threads: int) -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    work = synthetic(training_step("torchvision", mode="reduce-overhead"), b)
+    run_for(work, 0.5)  # compiles and captures before any loader runs
+    gpu = endless(loader(out, b, (4, 4, 1.0)))
+    cpu = endless(train_loader(out, LoaderOptions(batch_size=b, verify=False, threads=threads),
+                               runtime=Runtime.start("cpu", "bf16", distributed=False)))
+    # on the GPU in the step's layout first, as training on them would need (and no new capture)
+    cpu = ((x.cuda().contiguous(memory_format=torch.channels_last), y.cuda()) for x, y in cpu)
+    alone = run_for(work)
+    print(f"\ncpu: torchvision's step as one CUDA graph, (b) {alone:.0f}; the CPU loader ({threads} threads) alone "
+          f"{stream_rate(cpu, 10, 2):.0f} images/s", flush=True)
+    for name, streams in (("the GPU loader", [gpu]), ("the CPU loader", [cpu]), ("both", [gpu, cpu])):
+        rates, ds = zip(*(beside(work, *streams) for _ in range(ROUNDS)))
+        print(f"  beside {name:<16} the step {med(rates)} = {statistics.median(rates) / alone:.2f}; "
+              f"the loaders {med(ds)} images/s together", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="prepared shards with pca.json (default: build them)")
@@ -167,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=60)
     p.add_argument("--parts", default="loads,kernels,batch,graphs")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--cpu-threads", type=int, default=12, help="the cpu part's CPU-decoding loader")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_beside: needs a CUDA GPU")
@@ -184,6 +210,8 @@ def main(argv=None) -> int:
             for mode in ("reduce-overhead", "default"):
                 torch._dynamo.reset()
                 model_figures(f"compiled, mode {mode}", training_step("torchvision", mode=mode), out, args.batch_size)
+        if "cpu" in parts:
+            cpu_part(out, args.batch_size, args.cpu_threads)
         if "batch" in parts:
             print("\nbatch:", flush=True)
             for arch, b in (("torchvision", 256), ("torchvision", 512), ("torchvision", 1024), ("paper", 256),
