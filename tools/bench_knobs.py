@@ -41,6 +41,9 @@ VARIANTS = {
     "affinity": ({}, {"set_affinity": True}, None),
     "echo 2": ({"echo": 2}, {}, None),
     "echo 2 no mmap": ({"echo": 2, "mmap": False}, {}, None),
+    "echo 4": ({"echo": 4}, {}, None),
+    "echo 2 3x4": ({"echo": 2, "shape": (3, 4)}, {}, None),
+    "echo 2 2x8": ({"echo": 2, "shape": (2, 8)}, {}, None),
     "hw 0.9": ({"load": 0.9}, {}, None),
     "hw 0.75": ({"load": 0.75}, {}, None),
     "hw 0.5": ({"load": 0.5}, {}, None),
@@ -93,9 +96,10 @@ def timed_with(switch, fn):
         sys.setswitchinterval(old)
 
 
-def knobs(out, arch, names, b, steps, repeats, stream) -> None:
-    compiled, opt, ceiling = model_and_ceiling(arch, b, steps, 3, stream)
-    print(f"\n{arch} AlexNet: (b) {ceiling:.0f} images/s", flush=True)
+def knobs(out, arch, names, b, steps, repeats, stream, mode) -> None:
+    torch._dynamo.reset()
+    compiled, opt, ceiling = model_and_ceiling(arch, b, steps, 3, stream, mode)
+    print(f"\n{arch} AlexNet, compiled with mode {mode}: (b) {ceiling:.0f} images/s", flush=True)
     streams = {name: variant_loader(out, b, *VARIANTS[name][:2]) for name in names}
     a, d, busy = ({n: [] for n in names} for _ in range(3))
     for _ in range(repeats):
@@ -124,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--modes", default="default", help="torch.compile modes, each timed against every variant (with "
+                   "reduce-overhead, a CUDA graph; put it first: a capture beside a live loader's threads fails)")
     args = p.parse_args(argv)
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:
@@ -136,7 +142,8 @@ def main(argv=None) -> int:
         print(f"{torch.cuda.get_device_name()}; batch {args.batch_size}, median of {args.repeats} x {args.steps} "
               f"timed steps, interleaved", flush=True)
         for arch in args.archs.split(","):
-            knobs(out, arch, names, args.batch_size, args.steps, args.repeats, stream)
+            for mode in args.modes.split(","):
+                knobs(out, arch, names, args.batch_size, args.steps, args.repeats, stream, mode)
     return 0
 
 

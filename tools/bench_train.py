@@ -66,6 +66,7 @@ def timed(model, opt, batches) -> float:
     torch.cuda.synchronize()
     t0, n = time.perf_counter(), 0
     for x, y in batches:
+        torch.compiler.cudagraph_mark_step_begin()  # (a model compiled with CUDA graphs: a new step; else a no-op)
         train_step(model, x, y, opt, 0.01, scaler, torch.bfloat16)
         n += len(y)
     torch.cuda.synchronize()
@@ -85,11 +86,13 @@ def loader(out, b, setting, **kw):
     return train_loader(out, options, runtime=Runtime.start("cuda", "bf16", distributed=False))
 
 
-def model_and_ceiling(arch, b, steps, repeats, stream):
+def model_and_ceiling(arch, b, steps, repeats, stream, mode="default"):
+    """The compiled model (torch.compile `mode`; reduce-overhead: CUDA graphs, captured here on
+    synthetic data, before any loader's threads run), its optimizer and (b)."""
     torch.manual_seed(0)
     model = alexnet(arch).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, mode=mode)
     x = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (b,), device="cuda")
     rate(compiled, opt, itertools.repeat((x, y)), 1, warmup=30, stream=stream)  # compiles
