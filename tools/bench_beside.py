@@ -12,11 +12,13 @@ Parts (--parts, comma-separated), each timed in interleaved rounds, medians:
            synthetic data beside the drained loader, (a) fed by it, (d)
   graphs   torchvision's step compiled, and as one CUDA graph a step (reduce-overhead): the
            same three figures
+  clocks   the SM clock, power, share of time a kernel runs and clock-event reasons (nvidia-smi
+           every 100 ms) while each net trains alone, the loader runs alone, and fed
   cpu      that graph beside the GPU loader, a CPU-decoding loader (libjpeg-turbo on
            --cpu-threads cores, batches copied to the GPU; no per-image GPU work), and both:
            do the two decoders add up beside a busy model? (not in the default --parts)
 
-  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_beside.py --out OUT [--parts loads,kernels,batch,graphs]
+  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_beside.py --out OUT [--parts loads,kernels,batch,graphs,clocks]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -166,6 +169,44 @@ def model_figures(name: str, step, out, b: int) -> None:
     gc.collect()
 
 
+SMI = "clocks.sm,power.draw,utilization.gpu,clocks_event_reasons.active"
+
+
+def sampled(fn) -> tuple[float, str]:
+    """(fn(), what nvidia-smi saw meanwhile: median SM clock, power, GPU busy, the clock-event reasons)."""
+    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI}", "--format=csv,noheader,nounits", "-lms", "100"],
+                           stdout=subprocess.PIPE, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(smi.stdout), daemon=True)
+    reader.start()
+    time.sleep(0.5)
+    try:
+        result = fn()
+    finally:
+        smi.terminate()
+        reader.join()
+    rows = [line.strip().split(", ") for line in lines[5:]]  # (the first half second: before fn)
+    mhz, watts, busy = (statistics.median(float(r[i]) for r in rows) for i in range(3))
+    reasons = ",".join(sorted({r[3] for r in rows}))
+    return result, f"SM {mhz:.0f} MHz, {watts:.0f} W, a kernel running {busy:.0f}% of the time, reasons {reasons}"
+
+
+def clocks_part(out, b: int) -> None:
+    print("\nclocks: nvidia-smi every 100 ms (reasons: nvidia-smi's clocks_event_reasons bits, 0x0 none)", flush=True)
+    for arch in ("torchvision", "paper"):
+        torch._dynamo.reset()
+        gc.collect()
+        step = training_step(arch)
+        work = synthetic(step, b)
+        run_for(work, 0.5)  # compiles
+        batches = endless(loader(out, b, (4, 4, 1.0)))
+        for name, fn in (("the model alone", lambda: run_for(work, 3.0)),
+                         ("the loader alone", lambda: stream_rate(batches, 400, 10)),
+                         ("fed", lambda: fed(step, batches, 500))):
+            images, seen = sampled(fn)
+            print(f"  {arch:<12} {name:<17} {images:7.0f} images/s; {seen}", flush=True)
+
+
 def cpu_part(out, b: int, threads: int) -> None:
     gc.collect()
     torch._dynamo.reset()
@@ -190,7 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="prepared shards with pca.json (default: build them)")
     p.add_argument("--src", type=Path, default=DEFAULT_SRC)
     p.add_argument("--repeat", type=int, default=60)
-    p.add_argument("--parts", default="loads,kernels,batch,graphs")
+    p.add_argument("--parts", default="loads,kernels,batch,graphs,clocks")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cpu-threads", type=int, default=12, help="the cpu part's CPU-decoding loader")
     args = p.parse_args(argv)
@@ -210,6 +251,8 @@ def main(argv=None) -> int:
             for mode in ("reduce-overhead", "default"):
                 torch._dynamo.reset()
                 model_figures(f"compiled, mode {mode}", training_step("torchvision", mode=mode), out, args.batch_size)
+        if "clocks" in parts:
+            clocks_part(out, args.batch_size)
         if "cpu" in parts:
             cpu_part(out, args.batch_size, args.cpu_threads)
         if "batch" in parts:
