@@ -66,7 +66,14 @@ profile)
         python3 tools/bench_knobs.py --out "$work/bench" --batch-size $b --variants "default,prealloc,echo 2" 2>&1 \
             | tee -a "$log/bench_knobs.log"
     done
-    python3 tools/bench_beside.py --out "$work/bench" 2>&1 | tee "$log/bench_beside.log"
+    for arch in torchvision paper; do  # one process per net: each CUDA graph captured before any loader runs
+        python3 tools/bench_knobs.py --out "$work/bench" --archs $arch --repeats 4 --modes reduce-overhead,default \
+            --variants "default,echo 2" 2>&1 | tee -a "$log/bench_knobs.log"
+    done
+    python3 tools/bench_knobs.py --out "$work/bench" --archs torchvision --repeats 4 \
+        --variants "default,echo 2,echo 4,echo 2 3x4,echo 2 2x8" 2>&1 | tee -a "$log/bench_knobs.log"
+    python3 tools/bench_beside.py --out "$work/bench" --parts loads,kernels,batch,graphs,clocks,cpu 2>&1 \
+        | tee "$log/bench_beside.log"
     python3 tools/bench_neighbors.py --out "$work/bench" --queries 500 2>&1 | grep -v "it/s\]" \
         | tee "$log/bench_neighbors.log"
     if [ -n "${PRIORITY_TEST:-}" ]; then  # an experiment script: decoding on high/low-priority streams
