@@ -13,7 +13,7 @@ Parts (--parts, comma-separated), each timed in interleaved rounds, medians:
   graphs   torchvision's step compiled, and as one CUDA graph a step (reduce-overhead): the
            same three figures
   clocks   the SM clock, power, share of time a kernel runs and clock-event reasons (nvidia-smi
-           every 100 ms) while each net trains alone, the loader runs alone, and fed
+           every 100 ms) while each net (--archs) trains alone, the loader runs alone, fed, and fed with echo 2
   cpu      that graph beside the GPU loader, a CPU-decoding loader (libjpeg-turbo on
            --cpu-threads cores, batches copied to the GPU; no per-image GPU work), and both:
            do the two decoders add up beside a busy model? (not in the default --parts)
@@ -191,18 +191,20 @@ def sampled(fn) -> tuple[float, str]:
     return result, f"SM {mhz:.0f} MHz, {watts:.0f} W, a kernel running {busy:.0f}% of the time, reasons {reasons}"
 
 
-def clocks_part(out, b: int) -> None:
+def clocks_part(out, b: int, archs: list[str]) -> None:
     print("\nclocks: nvidia-smi every 100 ms (reasons: nvidia-smi's clocks_event_reasons bits, 0x0 none)", flush=True)
-    for arch in ("torchvision", "paper"):
+    for arch in archs:
         torch._dynamo.reset()
         gc.collect()
         step = training_step(arch)
         work = synthetic(step, b)
         run_for(work, 0.5)  # compiles
         batches = endless(loader(out, b, (4, 4, 1.0)))
+        echoed = endless(loader(out, b, (4, 4, 1.0), echo=2))
         for name, fn in (("the model alone", lambda: run_for(work, 3.0)),
                          ("the loader alone", lambda: stream_rate(batches, 400, 10)),
-                         ("fed", lambda: fed(step, batches, 500))):
+                         ("fed", lambda: fed(step, batches, 500)),
+                         ("fed, echo 2", lambda: fed(step, echoed, 600))):
             images, seen = sampled(fn)
             print(f"  {arch:<12} {name:<17} {images:7.0f} images/s; {seen}", flush=True)
 
@@ -233,6 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=60)
     p.add_argument("--parts", default="loads,kernels,batch,graphs,clocks")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--archs", default="torchvision,paper", help="the clocks part's nets")
     p.add_argument("--cpu-threads", type=int, default=12, help="the cpu part's CPU-decoding loader")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
                 torch._dynamo.reset()
                 model_figures(f"compiled, mode {mode}", training_step("torchvision", mode=mode), out, args.batch_size)
         if "clocks" in parts:
-            clocks_part(out, args.batch_size)
+            clocks_part(out, args.batch_size, args.archs.split(","))
         if "cpu" in parts:
             cpu_part(out, args.batch_size, args.cpu_threads)
         if "batch" in parts:

@@ -42,6 +42,7 @@ VARIANTS = {
     "echo 2": ({"echo": 2}, {}, None),
     "echo 2 no mmap": ({"echo": 2, "mmap": False}, {}, None),
     "echo 4": ({"echo": 4}, {}, None),
+    "echo 2 prefetch 4": ({"echo": 2, "prefetch": 4}, {}, None),
     "echo 2 3x4": ({"echo": 2, "shape": (3, 4)}, {}, None),
     "echo 2 2x8": ({"echo": 2, "shape": (2, 8)}, {}, None),
     "hw 0.9": ({"load": 0.9}, {}, None),
