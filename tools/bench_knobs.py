@@ -4,7 +4,7 @@ threads unless it says otherwise), all alive at once, timed in interleaved round
 over wall time), against the default in the same run. Medians of --repeats; (b) the ceiling
 (median of 3).
 
-  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_knobs.py --out OUT [--variants "default,echo 2"]
+  CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_knobs.py --out OUT [--variants "default,echo 2"] [--modes reduce-overhead,default]
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ profile)
             --variants "default,echo 2" 2>&1 | tee -a "$log/bench_knobs.log"
     done
     python3 tools/bench_knobs.py --out "$work/bench" --archs torchvision --repeats 4 \
-        --variants "default,echo 2,echo 4,echo 2 3x4,echo 2 2x8" 2>&1 | tee -a "$log/bench_knobs.log"
+        --variants "default,echo 2,echo 4,echo 2 prefetch 4,echo 2 3x4,echo 2 2x8" 2>&1 | tee -a "$log/bench_knobs.log"
     python3 tools/bench_beside.py --out "$work/bench" --parts loads,kernels,batch,graphs,clocks,cpu 2>&1 \
         | tee "$log/bench_beside.log"
     python3 tools/bench_neighbors.py --out "$work/bench" --queries 500 2>&1 | grep -v "it/s\]" \
