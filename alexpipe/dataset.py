@@ -83,7 +83,12 @@ class Prepared:
         return shards
 
     def count(self, name: str) -> int:
+        """Samples (a tile of alexpipe-prepare --tile is one sample)."""
         return sum(s["count"] for s in self.split(name))
+
+    def tile(self, name: str) -> int:
+        """Images per sample of the split (1, or K with alexpipe-prepare --tile K)."""
+        return self.manifest["splits"][name].get("tile", 1)
 
 
 # ---------------------------------------------------------------------------- pca.json's numbers

@@ -97,12 +97,16 @@ class LoaderOptions:
         return dataclasses.replace(self, pipelines=pipelines, threads=threads, handover=handover)
 
 
-def parse_labels(padded: torch.Tensor) -> torch.Tensor:
-    """(B, k) uint8 ASCII decimals, zero-padded on the right -> (B,) int64, on their device."""
-    digits = padded >= 48
-    n = digits.sum(1, keepdim=True)
-    power = (n - 1 - torch.arange(padded.shape[1], device=padded.device)).clamp(min=0)
-    return ((padded.long() - 48) * digits * torch.pow(10, power)).sum(1)
+def parse_labels(padded: torch.Tensor, fields: int = 1) -> torch.Tensor:
+    """(B, k) uint8 ASCII decimals, `fields` of them separated by spaces, zero-padded on the
+    right -> (B,) int64 (fields 1) or (B, fields), on their device."""
+    digits, field = padded >= 48, torch.cumsum(padded == 32, 1)  # which number each byte is in
+    out = []
+    for f in range(fields):
+        mine = digits & (field == f)
+        power = mine.sum(1, keepdim=True) - torch.cumsum(mine, 1)  # digits after this one in its number
+        out.append(((padded.long() - 48) * mine * torch.pow(10, power.clamp(min=0))).sum(1))
+    return out[0] if fields == 1 else torch.stack(out, 1)
 
 
 CUDA_QUEUES = 32
@@ -194,7 +198,9 @@ class DaliLoader:
     With echo K > 1 (training) every pipeline run gives K views of each image (own crop, flip
     and lighting); the P pipelines' batches of one round are pooled, and each view's pool is
     shuffled and cut into P batches, so a batch never holds two views of one image and the K
-    views of an image sit in K different batches of the round.
+    views of an image sit in K different batches of the round. Tiles of T images (prepare
+    --tile) are read alike: T x K views a sample, each batch `batch_size` views, so a
+    pipeline run makes T x K batches.
 
     With options.handover, DALI's run(), the labels and the cast happen on a thread of their
     own (handed_over), `prefetch` batches ahead, and state_dict() gives the state after the
@@ -203,10 +209,11 @@ class DaliLoader:
     """
 
     def __init__(self, make_pipe, layout: Layout, options: LoaderOptions, rt: Runtime, *, train: bool,
-                 state: dict | None = None):
+                 state: dict | None = None, tile: int = 1):
         pipelines, b = len(layout.ids), options.batch_size
         self.options, self.batch_size, self.rank_size = options, b, sum(layout.mine)
-        self.echo, self.fixed_share = options.echo, layout.fixed
+        self.echo, self.tile, self.fixed_share = options.echo, tile, layout.fixed
+        self.views = self.echo * tile  # views of each sample
         self.torch_dtype, self.channels_last, self.device = DTYPES[rt.precision][1], rt.channels_last, rt.device
         self.handover = bool(options.handover)
         # with handover: checkpoints per pipeline, the state handed out last, the epoch's handed_over
@@ -223,7 +230,7 @@ class DaliLoader:
             hint = " (lower the batch size or pass pipelines=1)" if pipelines > 1 else ""
             raise UserError(f"batch size {b} x {layout.world} rank(s) x {pipelines} pipeline(s) is more than "
                             f"the {layout.total} samples{hint}")
-        self.length = self.runs * self.echo
+        self.length = self.runs * self.views
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
         self._check_state(state, pipelines)
         self.pipes = [make_pipe(i, layout.num_shards, c)
@@ -246,8 +253,9 @@ class DaliLoader:
 
     def state_dict(self) -> dict:
         state = self._handed or self._state()
-        if self.echo > 1 and state["batch"] % (len(self.pipes) * self.echo):
-            raise ValueError("with echo, the loader state is exact only between rounds of pipelines x echo batches")
+        if self.views > 1 and state["batch"] % (len(self.pipes) * self.views):
+            raise ValueError("with echo or tiles, the loader state is exact only between rounds of pipelines x "
+                             "views batches")
         return state
 
     def _state(self) -> dict:
@@ -302,7 +310,7 @@ class DaliLoader:
 
     def _epoch(self, states: bool = False):
         """One epoch's batches (with `states`, each with the loader's state after it)."""
-        for batch in self._single() if self.echo == 1 else self._echoed():
+        for batch in self._single() if self.views == 1 else self._echoed():
             yield (batch, self._state()) if states else batch
         for i in range(len(self.pipes)):  # the dropped remainder and the padding, to end each reader's epoch
             for _ in range(self.runs // len(self.pipes), self.reader_batches):
@@ -318,18 +326,19 @@ class DaliLoader:
             yield (*batch, self._strings(outs[2], keep)) if self.options.sources else batch
 
     def _echoed(self):
-        per_round, labels_at = len(self.pipes) * self.echo, self.echo
+        per_round, labels_at = len(self.pipes) * self.views, self.views
         for r in range(self.batch // per_round, self.length // per_round):
             outs = [self._run(i) for i in range(len(self.pipes))]
-            labels = torch.cat([parse_labels(self._torch(o[labels_at])) for o in outs])
+            labels = torch.cat([parse_labels(self._torch(o[labels_at]), self.tile) for o in outs])
             sources = [s for o in outs for s in self._strings(o[labels_at + 1])] if self.options.sources else None
             gen = torch.Generator(labels.device).manual_seed(hash((self.options.seed, self.epoch, r)) % 2**62)
-            for k in range(self.echo):
+            for k in range(self.views):
                 views = torch.cat([self._torch(o[k]) for o in outs])
+                of_view = labels if self.tile == 1 else labels[:, k // self.echo]  # view k is in square k // echo
                 order = torch.randperm(len(labels), generator=gen, device=labels.device)
                 for part in order.split(self.batch_size):
                     self.batch += 1
-                    batch = (self._images(views[part]), labels[part])
+                    batch = (self._images(views[part]), of_view[part])
                     yield (*batch, [sources[i] for i in part.tolist()]) if self.options.sources else batch
 
 
@@ -451,19 +460,20 @@ def train_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime
         layout = fixed_layout(shards, rt.rank, rt.world, o.pipelines, Path(tmp.name))
     else:
         layout = moving_layout(shards, rt.rank, rt.world, o.pipelines)
-    pca = data.pca
+    pca, tile = data.pca, data.tile(split)
 
     def make(shard_id, num_shards, checkpoint):
         return train_pipeline(layout.shards, "gpu" if rt.cuda else "cpu", shard_id, num_shards, pca["mean"],
                               pca["std"], pca["eigval"], pca["eigvec"], lighting=o.lighting, crop=o.crop,
                               dtype=DTYPES[rt.precision][0], layout="HWC" if rt.channels_last else "CHW",
                               initial_fill=o.initial_fill, shuffle_seed=o.seed, hw_decoder_load=o.hw_decoder_load,
-                              cache_mb=math.ceil(cache_gb * 1e9 / 2**20), echo=o.echo, with_sources=o.sources,
+                              cache_mb=math.ceil(cache_gb * 1e9 / 2**20), echo=o.echo, tile=tile,
+                              with_sources=o.sources,
                               batch_size=o.batch_size, seed=o.seed * 100_003 + shard_id,
                               prefetch_queue_depth=o.prefetch, checkpoint=checkpoint, num_threads=o.threads,
                               device_id=rt.local_rank if rt.cuda else None, mmap=o.mmap)
 
-    loader = DaliLoader(make, layout, o, rt, train=True, state=state)
+    loader = DaliLoader(make, layout, o, rt, train=True, state=state, tile=tile)
     loader.share_dir, loader.cache_gb = tmp, cache_gb  # the cut index files live as long as the loader
     return loader
 
@@ -474,6 +484,9 @@ def eval_loader(data, options: LoaderOptions | None = None, *, runtime: Runtime 
     once. `normalize` ({"mean", "std"} on 0..255) overrides pca.json's, for weights trained
     with other statistics (torchvision's)."""
     data, rt, o, shards = open_split(data, runtime, options, split, train=False)
+    if data.tile(split) > 1:
+        raise UserError(f"{data.out}: split {split!r} holds tiles of {data.tile(split)} images (alexpipe-prepare "
+                        f"--tile), and evaluation reads single images: prepare that split without --tile")
     norm = normalize or data.pca
 
     def make(shard_id, num_shards, checkpoint):

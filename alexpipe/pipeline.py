@@ -60,13 +60,15 @@ def decoded_pipeline(shards: list[dict], device: str, shard_id: int = 0, num_sha
 TEN_CROPS = [(0.0, 0.0, 0), (1.0, 0.0, 0), (0.0, 1.0, 0), (1.0, 1.0, 0), (0.5, 0.5, 0),
              (1.0, 0.0, 1), (0.0, 0.0, 1), (1.0, 1.0, 1), (0.0, 1.0, 1), (0.5, 0.5, 1)]
 MAX_LABEL_DIGITS = 8
+TILE_SIDE = 256  # a tile's squares (alexpipe-prepare --tile), stacked top to bottom
 
 
-def label_bytes(cls, device: str):
-    """A .cls component (ASCII decimal) zero-padded to MAX_LABEL_DIGITS bytes, on the
-    output device; loader.parse_labels turns a batch of them into int64 (parsing in the
-    graph takes ~40 tiny CPU ops a sample; one pad is free)."""
-    padded = fn.pad(cls, shape=[MAX_LABEL_DIGITS], fill_value=0)
+def label_bytes(cls, device: str, tile: int = 1):
+    """A .cls component (ASCII decimal; a tile's: `tile` of them, space-separated) zero-padded
+    to tile * (MAX_LABEL_DIGITS + 1) bytes, on the output device; loader.parse_labels turns a
+    batch of them into int64 (parsing in the graph takes ~40 tiny CPU ops a sample; one pad
+    is free)."""
+    padded = fn.pad(cls, shape=[MAX_LABEL_DIGITS if tile == 1 else tile * (MAX_LABEL_DIGITS + 1)], fill_value=0)
     return padded.gpu() if device == "gpu" else padded
 
 
@@ -90,13 +92,17 @@ def normalize(images, mean, std, crop: int, dtype, layout: str, **position):
                                     output_layout=layout, **position)
 
 
-def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype, layout: str):
-    """One random view: crop window, flip, PCA lighting, normalization; and its draws."""
+def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype, layout: str,
+            square: int = 0, tile: int = 1):
+    """One random view: crop window, flip, PCA lighting, normalization; and its draws. In a
+    tile, the window lies in its square number `square`: pos_y places it in that square as
+    DALI places a crop in a lone square (round-half-up(pos_y * (256 - crop)) from its top)."""
     pos_x = fn.random.uniform(range=(0.0, 1.0))
     pos_y = fn.random.uniform(range=(0.0, 1.0))
     mirror = fn.random.coin_flip(probability=0.5)
     mean_s, alpha = lighting_mean(mean, eigval, eigvec, lighting)
-    out = normalize(images, mean_s, std, crop, dtype, layout, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror)
+    in_tile = pos_y if tile == 1 else (square * TILE_SIDE + pos_y * (TILE_SIDE - crop)) / (tile * TILE_SIDE - crop)
+    out = normalize(images, mean_s, std, crop, dtype, layout, crop_pos_x=pos_x, crop_pos_y=in_tile, mirror=mirror)
     return out, (pos_x, pos_y, mirror, alpha)
 
 
@@ -104,11 +110,13 @@ def augment(images, mean, std, eigval, eigvec, lighting: float, crop: int, dtype
 def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: int, mean, std, eigval, eigvec,
                    lighting: float = 0.1, crop: int = 224, dtype=types.FLOAT16, layout: str = "CHW",
                    initial_fill: int = 4096, shuffle_seed: int = 0, hw_decoder_load: float = 1.0,
-                   cache_mb: int = 0, echo: int = 1, with_params: bool = False, with_sources: bool = False,
-                   mmap: bool = True):
+                   cache_mb: int = 0, echo: int = 1, tile: int = 1, with_params: bool = False,
+                   with_sources: bool = False, mmap: bool = True):
     """AlexNet's training augmentation: a random crop x crop window at a uniformly random
     position, a horizontal flip with p = 0.5, PCA lighting, normalization; label bytes.
     Returns `echo` such views of each decoded image (independent draws), then the labels.
+    A sample that is a tile of `tile` squares gives `echo` views of each square, square by
+    square (view v is in square v // echo), and its labels hold `tile` numbers.
 
     Order: the order of the tar shards is reshuffled every epoch (same seed in every pipeline,
     so the num_shards reader shards read disjoint ranges of one order) and samples are mixed
@@ -116,20 +124,20 @@ def train_pipeline(shards: list[dict], device: str, shard_id: int, num_shards: i
     DALI pads each reader shard's range to the largest one's and to whole batches (the
     iterator drops the padding).
     The window's corner is at round-half-up(pos * (size - crop)), pos ~ U(0, 1), as DALI
-    places crops. With `with_params` (one view) the drawn pos_x, pos_y, flip and alpha and
-    each sample's source ("tar:offset:key.jpg") are returned too, for tests and inspection;
+    places crops. With `with_params` each view's drawn pos_x, pos_y (in its square), flip and
+    alpha and each sample's source ("tar:offset:key.jpg") are returned too, for tests and inspection;
     with `with_sources`, the sources after the labels.
     """
     jpegs, cls = read_shards(shards, ["jpg", "cls"], shard_id, num_shards, random_shuffle=True,
                              initial_fill=initial_fill, shuffle_after_epoch=True,
                              shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True, dont_use_mmap=not mmap)
     images = decode(jpegs, device, hw_decoder_load, cache_mb)
-    views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout) for _ in range(echo)]
-    labels = label_bytes(cls, device)
+    views = [augment(images, mean, std, eigval, eigvec, lighting, crop, dtype, layout, k, tile)
+             for k in range(tile) for _ in range(echo)]
+    labels = label_bytes(cls, device, tile)
     sources = fn.get_property(jpegs, key="source_info")
-    if with_params:
-        (out, params), = views
-        return (out, labels, *params, sources)
+    if with_params:  # every view, the labels, each view's draws, the sources
+        return (*[out for out, _ in views], labels, *[x for _, params in views for x in params], sources)
     return (*[out for out, _ in views], labels, *([sources] if with_sources else []))
 
 

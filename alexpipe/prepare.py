@@ -18,6 +18,14 @@ sample <key>.jpg, <key>.cls (ASCII label), <key>.json (source, wnid, original si
 <key> is the sample's 8-digit position in the split's seeded shuffle. Then
 OUT/<split>/rejected.tsv and, last, OUT/manifest.json.
 
+Tiles (--tile K, with --center-crop): each train sample is K consecutive images of the
+shuffle, their 256x256 squares stacked top to bottom in one JPEG, its .cls the K labels
+separated by spaces and its .json {"tile": [K records]}. The GPU decoder's per-JPEG work
+(a copy, a colour conversion kernel and a synchronization per JPEG, whatever its size)
+is then paid once per K images; the loader takes one view inside each square. A tile
+short of readable images (rejects, or the split's last tile) repeats its own images,
+marked "repeat" in its .json.
+
 Resumable: a shard is written to a temporary and renamed when complete, then its record
 (count, sha256, rejects) is written to OUT/<split>/.parts/; a rerun skips shards that have
 a record from the same job and redoes the rest, so the result is byte-identical to an
@@ -64,6 +72,7 @@ class PrepareConfig:
     seed: int = 0
     quality: int = 90
     center_crop: bool = False
+    tile: int = 1  # train images per JPEG (needs center_crop); val is never tiled
     strict: bool = False
     val_labels: Path | None = None
 
@@ -277,21 +286,55 @@ def tar_members(key: str, files: dict[str, bytes]) -> tuple[bytes, list[str]]:
     return b"".join(chunks), entries
 
 
-def convert_one(src: Path, center_crop: bool, quality: int, task: tuple[int, Item]):
-    """Worker: one source file to its sample's tar bytes, index entries and stored pixel
-    count (H*W: what a decoded-image cache needs), or (None, reason, 0) if it is not a
-    readable image. Any exception while reading is the file's fault."""
-    index, item = task
+def read_one(src: Path, center_crop: bool, item: Item):
+    """(image, its .json record) or (None, why it is not a readable image). Any exception
+    while reading is the file's fault."""
     try:
         img, info = load_resized(src / item.path, center_crop)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=quality)
     except Exception as e:  # noqa: BLE001 - unreadable, truncated, empty, not an image...
-        return None, " ".join(f"{type(e).__name__}: {e}".split()), 0
-    meta = {"src": item.path, "wnid": item.wnid, "label": item.label, **info}
-    member, entries = tar_members(f"{index:08d}", {"jpg": buf.getvalue(), "cls": str(item.label).encode(),
+        return None, " ".join(f"{type(e).__name__}: {e}".split())
+    return img, {"src": item.path, "wnid": item.wnid, "label": item.label, **info}
+
+
+def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def convert_one(src: Path, center_crop: bool, quality: int, task: tuple[int, Item]):
+    """Worker: one source file to its sample's tar bytes, index entries, stored pixel count
+    (H*W: what a decoded-image cache needs) and rejects ([] or [(path, reason)]); member
+    None if the file is not a readable image."""
+    index, item = task
+    img, meta = read_one(src, center_crop, item)
+    if img is None:
+        return None, None, 0, [(item.path, meta)]
+    member, entries = tar_members(f"{index:08d}", {"jpg": jpeg_bytes(img, quality), "cls": str(item.label).encode(),
                                                    "json": json.dumps(meta, sort_keys=True).encode()})
-    return member, entries, img.size[0] * img.size[1]
+    return member, entries, img.size[0] * img.size[1], []
+
+
+def convert_tile(src: Path, quality: int, tile: int, task: tuple[int, tuple[Item, ...]]):
+    """Worker: up to `tile` items to one tile sample (their 256x256 squares top to bottom),
+    as convert_one; a tile short of readable images repeats its own (marked "repeat"), one
+    with none is no sample."""
+    index, items = task
+    read = [(item, *read_one(src, True, item)) for item in items]
+    good = [(img, meta) for _, img, meta in read if img is not None]
+    rejects = [(item.path, why) for item, img, why in read if img is None]
+    if not good:
+        return None, None, 0, rejects
+    slots = [good[i] if i < len(good) else (good[i % len(good)][0], {**good[i % len(good)][1], "repeat": True})
+             for i in range(tile)]
+    tile = Image.new("RGB", (SHORT_SIDE, SHORT_SIDE * len(slots)))
+    for k, (img, _) in enumerate(slots):
+        tile.paste(img, (0, SHORT_SIDE * k))
+    labels = " ".join(str(meta["label"]) for _, meta in slots)
+    member, entries = tar_members(f"{index:08d}", {
+        "jpg": jpeg_bytes(tile, quality), "cls": labels.encode(),
+        "json": json.dumps({"tile": [meta for _, meta in slots]}, sort_keys=True).encode()})
+    return member, entries, tile.size[0] * tile.size[1], rejects
 
 
 def _init_worker():
@@ -316,7 +359,7 @@ def index_text(tar_path: Path) -> tuple[str, int]:
     return text, len(samples)
 
 
-def write_shard(tar_path: Path, items: list[Item], results) -> dict:
+def write_shard(tar_path: Path, items: list, results) -> dict:
     """Stream one shard's samples into a temporary tar (hashing as it goes), fsync, rename,
     then write its index (util.atomic_file: a full disk leaves no part of it behind). Returns
     the shard's record (without the job id). The bytes equal what tarfile.TarFile would write
@@ -327,9 +370,9 @@ def write_shard(tar_path: Path, items: list[Item], results) -> dict:
         def put(data: bytes):
             f.write(data)
             sha.update(data)
-        for item, (member, entries, n_pixels) in zip(items, results):
+        for _, (member, entries, n_pixels, rejects) in zip(items, results):
+            rejected += [list(r) for r in rejects]
             if member is None:
-                rejected.append([item.path, entries])
                 continue
             put(member)
             pixels += n_pixels
@@ -343,12 +386,17 @@ def write_shard(tar_path: Path, items: list[Item], results) -> dict:
             "pixels": pixels, "rejected": rejected}
 
 
+def split_tile(cfg: PrepareConfig, split: str) -> int:
+    return cfg.tile if split == "train" else 1
+
+
 def job_id(cfg: PrepareConfig, split: str, items: list[Item]) -> str:
     """Fingerprint of everything that determines a split's bytes; a shard record from
     another job (other files, seed, quality...) is never reused."""
     h = hashlib.sha256()
     h.update(json.dumps([SHORT_SIDE, cfg.seed, cfg.quality, cfg.center_crop, cfg.shard_size,
-                         RESAMPLE, Image.__version__, torch.__version__, __version__, split]).encode())
+                         RESAMPLE, Image.__version__, torch.__version__, __version__, split]
+                        + ([split_tile(cfg, split)] if split_tile(cfg, split) > 1 else [])).encode())
     for it in items:  # size and mtime too: an edited source file makes a new job
         st = (cfg.src / it.path).stat()
         h.update(f"{it.path}\t{it.label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -371,11 +419,14 @@ def finished_shards(cfg: PrepareConfig, split: str, job: str, n_shards: int) -> 
     return records
 
 
-def write_shards(cfg: PrepareConfig, split: str, items: list[Item], todo: list[int], pool, bar, job: str):
-    """Convert and write the shards `todo`, yielding (k, record) as each is complete. The next
-    shard's images are queued while one is written, so workers never idle at a shard
-    boundary; at most two shards' results are in memory."""
-    convert = partial(convert_one, cfg.src, cfg.center_crop, cfg.quality)
+def write_shards(cfg: PrepareConfig, split: str, items: list, todo: list[int], pool, bar, job: str):
+    """Convert and write the shards `todo` of `items` (Items, or tuples of them: tiles),
+    yielding (k, record) as each is complete. The next shard's images are queued while one
+    is written, so workers never idle at a shard boundary; at most two shards' results are
+    in memory."""
+    tile = split_tile(cfg, split)
+    convert = partial(convert_tile, cfg.src, cfg.quality, tile) if tile > 1 else partial(convert_one, cfg.src,
+                                                                                 cfg.center_crop, cfg.quality)
     pending = collections.deque()
 
     def counted(results):
@@ -405,21 +456,24 @@ def prepare_split(cfg: PrepareConfig, split: str, items: list[Item], pool) -> di
     (out / ".parts").mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):
         stale.unlink()  # a temporary left by a killed run
-    job = job_id(cfg, split, items)
-    n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
+    job, tile = job_id(cfg, split, items), split_tile(cfg, split)
+    units = items if tile == 1 else [tuple(items[i:i + tile]) for i in range(0, len(items), tile)]
+    n_shards = (len(units) + cfg.shard_size - 1) // cfg.shard_size
     records = finished_shards(cfg, split, job, n_shards)
     if records:
         print(f"{split}: {len(records)} of {n_shards} shards already complete, resuming", flush=True)
-    done = sum(min(cfg.shard_size, len(items) - k * cfg.shard_size) for k in records)
+    done = sum(min(cfg.shard_size, len(units) - k * cfg.shard_size) for k in records)
     todo = [k for k in range(n_shards) if k not in records]
-    with Bar(total=len(items), initial=done, unit="img", desc=split, smoothing=0.05) as bar:
-        records.update(write_shards(cfg, split, items, todo, pool, bar, job))
+    with Bar(total=len(units), initial=done, unit="img" if tile == 1 else "tile", desc=split, smoothing=0.05) as bar:
+        records.update(write_shards(cfg, split, units, todo, pool, bar, job))
     shards = [records[k] for k in range(n_shards)]
     rejected = [r for s in shards for r in s["rejected"]]
     atomic_write_bytes(out / "rejected.tsv",
                        ("path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in rejected)).encode())
     return {
         "count": sum(s["count"] for s in shards),
+        "tile": tile,
+        "images": len(items) - len(rejected),
         "source_files": len(items),
         "rejected": len(rejected),
         "shards": [{"tar": f"{split}/{split}-{k:06d}.tar", "idx": f"{split}/{split}-{k:06d}.idx",
@@ -461,10 +515,13 @@ def say_labels(items: dict, classes: list, labelling: str, val_source: str | Non
 
 def prepare(cfg: PrepareConfig) -> dict:
     """The whole job; returns the manifest."""
+    if cfg.tile < 1 or (cfg.tile > 1 and not cfg.center_crop):
+        raise UserError(f"--tile must be >= 1, got {cfg.tile}" if cfg.tile < 1
+                        else "--tile needs --center-crop (a tile stacks 256x256 squares)")
     items, classes, labelling, val_source = scan(cfg)
     settings = {"short_side": SHORT_SIDE, "center_crop": cfg.center_crop, "quality": cfg.quality,
                 "seed": cfg.seed, "shard_size": cfg.shard_size, "resample": f"{RESAMPLE}, antialiased (torch uint8)",
-                "labels": labelling}
+                "labels": labelling, **({"tile": cfg.tile} if cfg.tile > 1 else {})}  # (0.2.5's had no tile)
     old = earlier_manifest(cfg, settings, classes)
     say_labels(items, classes, labelling, val_source)
     splits, t0 = dict(old["splits"]) if old else {}, time.perf_counter()
@@ -487,7 +544,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     for split in items:
         s = splits[split]
         size = sum(x["bytes"] for x in s["shards"])
-        print(f"{split}: {s['count']} samples in {len(s['shards'])} shards ({size / 1e6:.1f} MB), "
+        tiles = f" (tiles of {s['tile']}: {s['images']} images)" if s["tile"] > 1 else ""
+        print(f"{split}: {s['count']} samples{tiles} in {len(s['shards'])} shards ({size / 1e6:.1f} MB), "
               f"{s['rejected']} rejected (see {cfg.out / split / 'rejected.tsv'})")
     n_images = sum(len(its) for its in items.values())
     print(f"done in {dt:.1f} s ({n_images / dt:.0f} images/s with {cfg.workers} workers); "
@@ -497,7 +555,7 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 # ---------------------------------------------------------------------------- verify
 
-def verify_shard(out: Path, shard: dict, center_crop: bool) -> list[str]:
+def verify_shard(out: Path, shard: dict, center_crop: bool, tile: int = 1) -> list[str]:
     """Problems found in one shard: size, sha256, index, sample count, decodability, geometry."""
     tar_path, idx_path = out / shard["tar"], out / shard["idx"]
     if not tar_path.exists():
@@ -523,10 +581,11 @@ def verify_shard(out: Path, shard: dict, center_crop: bool) -> list[str]:
             with Image.open(io.BytesIO(s["jpg"])) as img:
                 img.load()
                 w, h = img.size
-            ok = (w, h) == (SHORT_SIDE, SHORT_SIDE) if center_crop else min(w, h) == SHORT_SIDE
+            ok = (w, h) == (SHORT_SIDE, SHORT_SIDE * tile) if center_crop else min(w, h) == SHORT_SIDE
             if img.format != "JPEG" or not ok:
                 problems.append(f"{tar_path}: sample {key} is {img.format} {w}x{h}")
-            int(s["cls"])
+            if len([int(label) for label in s["cls"].split()]) != tile:
+                problems.append(f"{tar_path}: sample {key} has labels {s['cls'].decode()!r}, not {tile}")
         except Exception as e:  # noqa: BLE001
             problems.append(f"{tar_path}: sample {key} does not decode ({type(e).__name__}: {e})")
     if not idx_path.exists():
@@ -536,14 +595,18 @@ def verify_shard(out: Path, shard: dict, center_crop: bool) -> list[str]:
     return problems
 
 
+def verify_one(out: Path, center_crop: bool, shard_tile: tuple[dict, int]) -> list[str]:
+    return verify_shard(out, shard_tile[0], center_crop, shard_tile[1])
+
+
 def verify(out: Path, workers: int) -> int:
     manifest = read_manifest(out)
     center_crop = manifest["settings"]["center_crop"]
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    shards = [(s, split.get("tile", 1)) for split in manifest["splits"].values() for s in split["shards"]]
     problems, n = [], 0
     with Pool(workers, initializer=_init_worker) as pool:
-        check = partial(verify_shard, out, center_crop=center_crop)
-        for shard, found in zip(shards, Bar(pool.imap(check, shards), total=len(shards), unit="shard")):
+        check = partial(verify_one, out, center_crop)
+        for (shard, _), found in zip(shards, Bar(pool.imap(check, shards), total=len(shards), unit="shard")):
             problems += found
             n += shard["count"]
     for p in problems:
@@ -573,6 +636,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
     p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=False,
                    help="store the central 256x256 square (the paper) instead of the short-side-256 image")
+    p.add_argument("--tile", type=int, default=1, metavar="K",
+                   help="store K train images per JPEG (their 256x256 squares stacked; needs --center-crop): the "
+                        "GPU decoder's per-JPEG work is then paid once per K images (docs/design.md)")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
                    help="fail on the first unreadable image instead of skipping it")
     p.add_argument("--val-labels", type=Path, default=None,
@@ -602,7 +668,8 @@ def _main(argv) -> int:
         return verify(args.verify, args.workers)
     cfg = PrepareConfig(src=args.src, out=args.out, split=args.split, workers=args.workers,
                         shard_size=args.shard_size, seed=args.seed, quality=args.quality,
-                        center_crop=args.center_crop, strict=args.strict, val_labels=args.val_labels)
+                        center_crop=args.center_crop, tile=args.tile, strict=args.strict,
+                        val_labels=args.val_labels)
     print_config("alexpipe-prepare", cfg)
     prepare(cfg)
     return 0

@@ -125,24 +125,41 @@ def shapes_run(shapes_out, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def unique_out(tmp_path_factory) -> Path:
+def unique_tree(tmp_path_factory) -> Path:
     """Made by the package alone: 150 generated images, each in its own class folder (labels
-    0..149, so a label names its sample), prepared in shards of 32 (the last one short), with
-    a val split of 20 and pca.json."""
+    0..149, so a label names its sample), and a val split of the first 20."""
     import numpy as np
 
-    from alexpipe import pca
     from alexpipe.sample import CLASS_DESIGNS, draw_image
-    root = tmp_path_factory.mktemp("unique")
+    root = tmp_path_factory.mktemp("unique") / "src"
     rng = np.random.default_rng(0)
     for i in range(150):
         _, shape, hue = CLASS_DESIGNS[i % len(CLASS_DESIGNS)]
         for split in ("train", "val") if i < 20 else ("train",):
-            (root / "src" / split / f"c{i:03d}").mkdir(parents=True)
-            draw_image(rng, shape, hue).save(root / "src" / split / f"c{i:03d}" / "img.JPEG", quality=90)
-    prepare(PrepareConfig(src=root / "src", out=root / "out", workers=2, shard_size=32))
-    assert pca.main([str(root / "out"), "--device", "cpu"]) == 0
-    return root / "out"
+            (root / split / f"c{i:03d}").mkdir(parents=True)
+            draw_image(rng, shape, hue).save(root / split / f"c{i:03d}" / "img.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def unique_out(unique_tree) -> Path:
+    """unique_tree prepared in shards of 32 (the last one short), with pca.json."""
+    from alexpipe import pca
+    out = unique_tree.parent / "out"
+    prepare(PrepareConfig(src=unique_tree, out=out, workers=2, shard_size=32))
+    assert pca.main([str(out), "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiled_out(unique_tree) -> Path:
+    """unique_tree's central squares, train in tiles of 4 (38 samples, the last of 2 images
+    and 2 repeats) in shards of 8, with pca.json."""
+    from alexpipe import pca
+    out = unique_tree.parent / "tiled"
+    prepare(PrepareConfig(src=unique_tree, out=out, workers=2, shard_size=8, center_crop=True, tile=4))
+    assert pca.main([str(out), "--device", "cpu"]) == 0
+    return out
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -87,6 +87,37 @@ def test_parse_labels():
     texts = [b"0", b"7", b"42", b"999", b"1000", b"12345678"]
     padded = torch.tensor([list(t.ljust(8, b"\0")) for t in texts], dtype=torch.uint8)
     assert parse_labels(padded).tolist() == [0, 7, 42, 999, 1000, 12345678]
+    tiles = [b"0 7 42 999", b"12345678 1 0 3", b"5 5 5 5"]
+    padded = torch.tensor([list(t.ljust(36, b"\0")) for t in tiles], dtype=torch.uint8)
+    assert parse_labels(padded, 4).tolist() == [[0, 7, 42, 999], [12345678, 1, 0, 3], [5, 5, 5, 5]]
+
+
+def test_tile_views_are_the_papers_transform_of_their_square(tiled_out):
+    """A tile of 4 gives 4 views a sample, view k the paper's transform of square k (its
+    own crop window inside the square, flip and lighting) with the square's label."""
+    data = Prepared.open(tiled_out)
+    p = data.pca
+    pipe = train_pipeline(data.split("train"), "cpu", 0, 1, p["mean"], p["std"], p["eigval"], p["eigvec"], tile=4,
+                          with_params=True, dtype=types.FLOAT, batch_size=8, num_threads=2, device_id=None, seed=3)
+    pipe.build()
+    outs = pipe.run()
+    views, labels, params, sources = outs[:4], outs[4], outs[5:21], outs[21]
+    parsed = parse_labels(torch.from_numpy(np.array(labels.as_tensor())), 4)
+    corners = set()
+    for i in range(8):
+        source = bytes(np.array(sources[i])).decode()
+        tile = read_jpeg(source)
+        assert tile.shape == (1024, 256, 3)
+        tar, _, name = source.rsplit(":", 2)
+        cls = next(s["cls"] for s in iter_samples({"tar": tar, "idx": str(Path(tar).with_suffix(".idx"))})
+                   if s["__key__"] == name.split(".")[0])
+        assert parsed[i].tolist() == [int(v) for v in cls.split()]
+        for k in range(4):
+            px, py, mirror, alpha = (np.array(x[i]) for x in params[4 * k:4 * k + 4])
+            ref = reference_train(tile[256 * k:256 * (k + 1)], float(px), float(py), int(mirror), alpha, p)
+            np.testing.assert_allclose(np.array(views[k][i]), ref, atol=2e-4)
+            corners.add(anchor(float(py), 32))
+    assert len(corners) > 8  # the windows move within their squares
 
 
 def test_labels_are_the_cls_components(any_ready):
@@ -553,3 +584,41 @@ def test_reading_the_shards_gives_the_same_batches_with_a_flat_resident_set(tmp_
     assert shard_mb > 10
     assert growth[True] > 0.5 * shard_mb, (growth, shard_mb)  # the measurement sees mapped shard pages
     assert growth[False] < 0.1 * shard_mb, (growth, shard_mb)
+
+
+@pytest.mark.parametrize("world,pipelines,b", [(1, 1, 8), (3, 2, 4)])
+def test_tiles_give_every_image_once_an_epoch_over_ranks(tiled_out, world, pipelines, b):
+    """Tiles of 4: a batch holds views of as many tiles, each image comes once an epoch (the
+    repeats in the one short tile at most twice), epoch lengths are equal over ranks."""
+    lengths, total = set(), Counter()
+    for r in range(world):
+        loader = train_loader(tiled_out, LoaderOptions(batch_size=b, pipelines=pipelines, initial_fill=16),
+                              runtime=cpu(rank=r, world=world))
+        lengths.add(len(loader))
+        batches = 0
+        for x, y in loader:
+            assert x.shape == (b, 3, 224, 224) and len(set(y.tolist())) == b
+            total.update(y.tolist())
+            batches += 1
+        assert batches == len(loader) and len(loader) % (4 * pipelines) == 0
+    assert len(lengths) == 1 and sum(total.values()) == world * lengths.pop() * b
+    assert set(total) <= set(range(150)) and max(total.values()) <= 2 and list(total.values()).count(2) <= 2
+
+
+def test_tiles_resume_exactly_and_are_not_for_evaluation(tiled_out):
+    def make(state=None):
+        return train_loader(tiled_out, LoaderOptions(batch_size=4, pipelines=2, initial_fill=16), runtime=cpu(),
+                            state=state)
+    straight = make()
+    epochs = [labels_of(straight) for _ in range(2)]
+    mid = make()
+    it = iter(mid)
+    for _ in range(8):  # one round: 2 pipelines x 4 squares
+        next(it)
+    assert same(labels_of(make(state=mid.state_dict())), epochs[0][8:])
+    next(it)
+    with pytest.raises(ValueError, match="exact only between rounds"):
+        mid.state_dict()
+    with pytest.raises(UserError, match="split 'train' holds tiles of 4 images"):
+        eval_loader(tiled_out, LoaderOptions(batch_size=4), runtime=cpu(), split="train")
+    assert sum(len(y) for _, y in eval_loader(tiled_out, LoaderOptions(batch_size=8), runtime=cpu())) == 20

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,38 @@ def test_center_crop_gives_central_square(synth_tree, tmp_path):
         assert psnr(pixels, full[top:top + 256, left:left + 256]) > 30
 
 
+def test_tiles_stack_each_images_central_square_with_its_label(synth_tree, tmp_path, capsys):
+    """--tile 4: each train sample is 4 consecutive images of the shuffle as 256x256 squares
+    top to bottom (each square the untiled center crop's pixels), its .cls their 4 labels;
+    every readable image is in exactly one tile, the 2 unreadable ones are rejected and the
+    tiles short of images repeat their own, marked; val is not tiled; verify passes."""
+    square, tiled = tmp_path / "square", tmp_path / "tiled"
+    assert prep.main([str(synth_tree), str(square), "--center-crop", "--workers", "2", "--shard-size", "5"]) == 0
+    assert prep.main([str(synth_tree), str(tiled), "--center-crop", "--tile", "4", "--workers", "2",
+                      "--shard-size", "5"]) == 0
+    assert "train: 13 samples (tiles of 4: 48 images)" in capsys.readouterr().out
+    alone = {json.loads(s["json"])["src"]: (decode(s["jpg"]), int(s["cls"])) for s in read_split(square, "train")}
+    seen, repeats, sources = Counter(), 0, [it.path for it in prep.shuffled(prep.scan(
+        prep.PrepareConfig(src=synth_tree, out=tmp_path / "x", split="train"))[0]["train"], 0)]
+    for s in read_split(tiled, "train"):
+        pixels, labels, metas = decode(s["jpg"]), [int(v) for v in s["cls"].split()], json.loads(s["json"])["tile"]
+        assert pixels.shape == (1024, 256, 3) and len(labels) == len(metas) == 4
+        for k, (label, meta) in enumerate(zip(labels, metas)):
+            ref, ref_label = alone[meta["src"]]
+            assert label == meta["label"] == ref_label
+            assert psnr(pixels[256 * k:256 * (k + 1)], ref) > 38  # the same square, encoded once more
+            repeats += meta.get("repeat", False)
+            seen[meta["src"]] += not meta.get("repeat", False)
+        key = int(s["__key__"])  # tile n holds images 4n..4n+3 of the shuffle (less the unreadable ones)
+        assert metas[0]["src"] in sources[4 * key:4 * key + 4]
+    manifest = json.loads((tiled / "manifest.json").read_text())
+    train = manifest["splits"]["train"]
+    assert (train["tile"], train["count"], train["images"], train["rejected"]) == (4, 13, 48, 2)
+    assert set(seen) == set(alone) and set(seen.values()) == {1} and repeats == 13 * 4 - 48
+    assert manifest["splits"]["val"]["tile"] == 1 and decode(read_split(tiled, "val")[0]["jpg"]).shape == (256, 256, 3)
+    assert prep.main(["--verify", str(tiled), "--workers", "2"]) == 0
+
+
 def test_same_seed_same_bytes_other_seed_other_order(synth_tree, synth_out, tmp_path):
     again = tmp_path / "again"
     prep.prepare(prep.PrepareConfig(src=synth_tree, out=again, workers=1, shard_size=16))
@@ -343,7 +376,7 @@ def test_flat_val_with_devkit_labels(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_src", "empty_tree", "out_not_writable", "unknown_labels",
-                                  "unlabelled_val", "bad_quality"])
+                                  "unlabelled_val", "bad_quality", "tile_without_center_crop"])
 def test_bad_input_gives_one_line_and_exit_2(case, synth_tree, tmp_path, capsys):
     src, out, extra = synth_tree, tmp_path / "o", []
     if case == "missing_src":
@@ -363,6 +396,8 @@ def test_bad_input_gives_one_line_and_exit_2(case, synth_tree, tmp_path, capsys)
         shutil.copytree(synth_tree, src)
         lines = (src / "LOC_val_solution.csv").read_text().splitlines()
         (src / "LOC_val_solution.csv").write_text("\n".join(lines[:-1]) + "\n")
+    elif case == "tile_without_center_crop":
+        extra = ["--tile", "4"]
     else:
         extra = ["--quality", "0"]
     assert prep.main([str(src), str(out), *extra]) == 2
