@@ -87,3 +87,15 @@ def test_training_runs_on_a_highest_priority_stream(synth_ready, tmp_path, monke
     assert torch.cuda.current_stream() == torch.cuda.default_stream()  # given back after the run
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and all(math.isfinite(m["train_loss"]) for m in ckpt["metrics"])
+
+
+def test_tiles_on_the_gpu_cached_and_not(tiled_out):
+    """Tiles of 4 through nvJPEG: each image at most once an epoch (the short tile's repeats
+    twice), full batches of distinct images, and a decoder cache of tiles bit for bit."""
+    plain, _ = epochs_of(tiled_out, cache="off", fixed_share=True)
+    for epoch in plain:
+        labels = [label for y, _ in epoch for label in y.tolist()]
+        assert len(epoch) % 8 == 0 and len(labels) == 8 * len(epoch) and max(Counter(labels).values()) <= 2
+        assert all(len(set(y.tolist())) == 8 for y, _ in epoch)
+    cached, _ = epochs_of(tiled_out, cache="gpu")
+    assert all(equal(a, b) for a, b in zip(plain, cached))

@@ -109,6 +109,8 @@ def sweep(quick: bool) -> list[tuple[int, int, float]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", type=Path, default=DEFAULT_SRC)
+    p.add_argument("--tile", type=int, default=1, help="built shards: central squares in tiles of this many "
+                   "(alexpipe-prepare --center-crop --tile)")
     p.add_argument("--repeat", type=int, default=60, help="use each source image this many times")
     p.add_argument("--batches", type=int, default=60, help="timed batches per measurement")
     p.add_argument("--repeats", type=int, default=3, help="timings of the leading settings, median reported")
@@ -120,10 +122,11 @@ def main(argv=None) -> int:
         sys.exit(f"bench_loader: {args.src}: not found (pass --src DIR of JPEGs)")
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
-        n = load_manifest(out)["splits"]["train"]["count"]
+        out = args.out or sample_shards(args.src, Path(tmp), args.repeat, tile=args.tile)
+        train = load_manifest(out)["splits"]["train"]
+        n, tile = train["count"], train.get("tile", 1)
         device = torch.cuda.get_device_name() if GPU else "CPU (smoke test)"
-        print(f"\n{n} samples; {device}; {cores} CPU cores; batch {args.batch_size}; {args.batches} timed batches")
+        print(f"\n{n} samples{f' (tiles of {tile})' if tile > 1 else ''}; {device}; {cores} CPU cores; batch {args.batch_size}; {args.batches} timed batches")
         print(f"{'pipelines':>9} {'threads':>7} {'hw_load':>7} {'(a) images/s':>13}")
         results = {}
 

@@ -83,13 +83,14 @@ def make_tree(src: Path, root: Path, repeat: int) -> list[Path]:
     return out
 
 
-def sample_shards(src: Path, root: Path, repeat: int, shard_size: int = 500) -> Path:
-    """The benchmarks' data: make_tree(src, root/src, repeat) prepared into root/out with its
-    pca.json (alexpipe-pca in its own process, so the caller holds no CUDA context or DALI
-    memory from it)."""
+def sample_shards(src: Path, root: Path, repeat: int, shard_size: int = 500, tile: int = 1) -> Path:
+    """The benchmarks' data: make_tree(src, root/src, repeat) prepared into root/out (with
+    `tile` > 1 as central squares in tiles of that many) with its pca.json (alexpipe-pca in
+    its own process, so the caller holds no CUDA context or DALI memory from it)."""
     make_tree(src, root / "src", repeat)
     out = root / "out"
-    prepare(PrepareConfig(src=root / "src", out=out, split="train", shard_size=shard_size))
+    prepare(PrepareConfig(src=root / "src", out=out, split="train", shard_size=max(1, shard_size // tile),
+                          center_crop=tile > 1, tile=tile))
     subprocess.run([sys.executable, "-m", "alexpipe.pca", str(out)], check=True)
     return out
 

@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="prepared shards with pca.json (default: build them)")
     p.add_argument("--src", type=Path, default=DEFAULT_SRC)
+    p.add_argument("--tile", type=int, default=1, help="built shards: central squares in tiles of this many "
+                   "(alexpipe-prepare --center-crop --tile)")
     p.add_argument("--repeat", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=150)
@@ -183,10 +185,11 @@ def main(argv=None) -> int:
     settings = [parse_setting(s) for s in args.loaders.split(",")]
     stream = priority_stream(torch.device("cuda"))  # as alexpipe-train's Runtime.model_stream
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
+        out = args.out or sample_shards(args.src, Path(tmp), args.repeat, tile=args.tile)
         b = args.batch_size
-        n = Prepared.open(out).count("train")
-        print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; {n} samples, batch {b}, bf16 autocast, "
+        n, tile = Prepared.open(out).count("train"), Prepared.open(out).tile("train")
+        print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; {n} samples"
+              f"{f' (tiles of {tile})' if tile > 1 else ''}, batch {b}, bf16 autocast, "
               f"channels_last, torch.compile, fused SGD, a highest-priority stream; median of {args.repeats} x "
               f"{args.steps} timed steps; "
               f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset (8)')}", flush=True)
