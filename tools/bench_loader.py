@@ -18,6 +18,7 @@ small sweep on the CPU (a smoke test).
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import os
 import statistics
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from alexpipe.dataset import read_manifest as load_manifest
 from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, train_loader
@@ -66,6 +68,14 @@ def loader_rate(out, batches, warmup=8, **kw) -> float:
     return stream_rate(endless(loader), batches, warmup)
 
 
+def squares(samples):
+    """(PIL image, .cls bytes) samples -> (image, label) per image: a tile's squares apart."""
+    for img, cls in samples:
+        labels = [int(v) for v in cls.split()]
+        for k, label in enumerate(labels):
+            yield (img if len(labels) == 1 else img.crop((0, 256 * k, 256, 256 * (k + 1)))), label
+
+
 def torchvision_loader(out, batch_size, workers):
     """The common PyTorch way: webdataset shards, PIL decode, torchvision transforms
     (random crop, flip, to tensor, normalize) in a DataLoader; endless."""
@@ -76,7 +86,8 @@ def torchvision_loader(out, batch_size, workers):
     tf = T.Compose([T.RandomCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
                     T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     ds = (wds.WebDataset(urls, shardshuffle=100, nodesplitter=None, workersplitter=wds.split_by_worker,
-                         empty_check=False).repeat().shuffle(1000).decode("pil").to_tuple("jpg", "cls")
+                         empty_check=False).repeat().shuffle(1000).to_tuple("jpg", "cls")
+          .map_tuple(lambda jpg: Image.open(io.BytesIO(jpg)).convert("RGB"), bytes).compose(squares)
           .map_tuple(tf, int))
     return iter(torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=GPU))
 
