@@ -513,13 +513,15 @@ def preview(out: Path, png: Path, n: int, seed: int, device: str | None) -> None
     data = Prepared.open(out)
     rt = Runtime.start(device, "fp32", channels_last=False, distributed=False)
     images, _ = next(iter(train_loader(data, LoaderOptions(batch_size=n, seed=seed, pipelines=1), runtime=rt)))
-    split = "val" if "val" in data.manifest["splits"] else "train"
-    crops, _ = next(iter(eval_loader(data, LoaderOptions(batch_size=1), runtime=rt, split=split, ten_crop=True)))
-    tiles = list(denormalize(images, data.pca)) + list(denormalize(crops[0], data.pca))
-    cols, size, gap = 8, tiles[0].shape[0], 4
+    split, ten = "val" if "val" in data.manifest["splits"] else "train", []
+    if data.tile(split) == 1:  # (a tiled train split alone: no ten crops to show)
+        crops, _ = next(iter(eval_loader(data, LoaderOptions(batch_size=1), runtime=rt, split=split, ten_crop=True)))
+        ten = list(denormalize(crops[0], data.pca))
+    pictures = list(denormalize(images, data.pca)) + ten
+    cols, size, gap = 8, pictures[0].shape[0], 4
     top = math.ceil(n / cols)
-    grid = Image.new("RGB", (cols * (size + gap), (top + math.ceil(10 / cols)) * (size + gap)), (255, 255, 255))
-    for i, t in enumerate(tiles):
+    grid = Image.new("RGB", (cols * (size + gap), (top + math.ceil(len(ten) / cols)) * (size + gap)), (255, 255, 255))
+    for i, t in enumerate(pictures):
         row, col = (i // cols, i % cols) if i < n else (top + (i - n) // cols, (i - n) % cols)
         grid.paste(Image.fromarray(t), (col * (size + gap), row * (size + gap)))
     save_png(grid, png)

@@ -206,7 +206,8 @@ def compute(cfg: PCAConfig) -> dict:
         "stderr": jackknife(groups),
         "scale": 255, "eigvec_layout": "columns", "std_ddof": 1,
         "sign_convention": "each eigenvector's largest-magnitude component is positive",
-        "pixels": int(total[1]), "images": int(total[0]), "split": cfg.split, "fraction": cfg.fraction,
+        "pixels": int(total[1]), "images": int(total[0]), "tile": data.tile(cfg.split), "split": cfg.split,
+        "fraction": cfg.fraction,
         "shards": [Path(s["tar"]).name for s in shards],
         "decoder": "nvjpeg (DALI mixed)" if device == "gpu" else "libjpeg-turbo (DALI cpu)",
         "sums": {"pixels": str(total[1]), "s": [str(v) for v in total[2:5]],
@@ -227,8 +228,9 @@ def report(r: dict) -> str:
     se = r["stderr"]
     fmt = lambda v: "[" + ", ".join(f"{x:8.4f}" for x in v) + "]"  # noqa: E731
     eig01 = [v / 255 ** 2 for v in r["eigval"]]
+    what = f"JPEGs (tiles of {r['tile']})" if r.get("tile", 1) > 1 else "images"
     lines = [
-        f"{r['images']} images, {r['pixels']} pixels ({r['split']}, fraction {r['fraction']}) with {r['decoder']} in "
+        f"{r['images']} {what}, {r['pixels']} pixels ({r['split']}, fraction {r['fraction']}) with {r['decoder']} in "
         f"{r['seconds']:.1f} s: " + (f"{r['startup_seconds']:.1f} s start-up (pipelines, decoder, first batch), then "
                                      f"{r['steady_images_per_second']:.0f} images/s" if r["steady_images_per_second"]
                                      else f"{r['images_per_second']:.0f} images/s (too few batches to time apart)"),
