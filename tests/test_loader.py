@@ -434,6 +434,19 @@ def test_echo_gives_k_different_views_in_different_batches(unique_out, world, pi
     assert len(lengths) == 1 and set(total.values()) == {1}
 
 
+def resumes_between_rounds(make, first_epoch, per_round: int) -> None:
+    """A loader left after one round of batches resumes to the rest of its epoch; one batch
+    later its state is refused (not exact)."""
+    mid = make()
+    it = iter(mid)
+    for _ in range(per_round):
+        next(it)
+    assert same(labels_of(make(state=mid.state_dict())), first_epoch[per_round:])
+    next(it)
+    with pytest.raises(ValueError, match="exact only between rounds"):
+        mid.state_dict()
+
+
 def test_echo_and_fixed_share_resume_exactly(unique_out):
     def make(state=None, echo=2, fixed_share=True):
         options = LoaderOptions(batch_size=8, pipelines=2, echo=echo, fixed_share=fixed_share, initial_fill=16)
@@ -444,14 +457,7 @@ def test_echo_and_fixed_share_resume_exactly(unique_out):
     labels_of(first)
     resumed = make(state=first.state_dict())
     assert same(labels_of(resumed), epochs[1]) and same(labels_of(resumed), epochs[2])
-    mid = make()
-    it = iter(mid)
-    for _ in range(4):  # one round: 2 pipelines x 2 views
-        next(it)
-    assert same(labels_of(make(state=mid.state_dict())), epochs[0][4:])
-    next(it)
-    with pytest.raises(ValueError, match="exact only between rounds"):
-        mid.state_dict()
+    resumes_between_rounds(make, epochs[0], 4)  # one round: 2 pipelines x 2 views
     with pytest.raises(UserError, match="written with echo=2, not echo=1"):
         make(state=first.state_dict(), echo=1)
     with pytest.raises(UserError, match="written with fixed_share=True, not fixed_share=False"):
@@ -609,16 +615,7 @@ def test_tiles_resume_exactly_and_are_not_for_evaluation(tiled_out):
     def make(state=None):
         return train_loader(tiled_out, LoaderOptions(batch_size=4, pipelines=2, initial_fill=16), runtime=cpu(),
                             state=state)
-    straight = make()
-    epochs = [labels_of(straight) for _ in range(2)]
-    mid = make()
-    it = iter(mid)
-    for _ in range(8):  # one round: 2 pipelines x 4 squares
-        next(it)
-    assert same(labels_of(make(state=mid.state_dict())), epochs[0][8:])
-    next(it)
-    with pytest.raises(ValueError, match="exact only between rounds"):
-        mid.state_dict()
+    resumes_between_rounds(make, labels_of(make()), 8)  # one round: 2 pipelines x 4 squares
     with pytest.raises(UserError, match="split 'train' holds tiles of 4 images"):
         eval_loader(tiled_out, LoaderOptions(batch_size=4), runtime=cpu(), split="train")
     assert sum(len(y) for _, y in eval_loader(tiled_out, LoaderOptions(batch_size=8), runtime=cpu())) == 20
