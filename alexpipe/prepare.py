@@ -327,14 +327,14 @@ def convert_tile(src: Path, quality: int, tile: int, task: tuple[int, tuple[Item
         return None, None, 0, rejects
     slots = [good[i] if i < len(good) else (good[i % len(good)][0], {**good[i % len(good)][1], "repeat": True})
              for i in range(tile)]
-    tile = Image.new("RGB", (SHORT_SIDE, SHORT_SIDE * len(slots)))
+    stacked = Image.new("RGB", (SHORT_SIDE, SHORT_SIDE * tile))
     for k, (img, _) in enumerate(slots):
-        tile.paste(img, (0, SHORT_SIDE * k))
+        stacked.paste(img, (0, SHORT_SIDE * k))
     labels = " ".join(str(meta["label"]) for _, meta in slots)
     member, entries = tar_members(f"{index:08d}", {
-        "jpg": jpeg_bytes(tile, quality), "cls": labels.encode(),
+        "jpg": jpeg_bytes(stacked, quality), "cls": labels.encode(),
         "json": json.dumps({"tile": [meta for _, meta in slots]}, sort_keys=True).encode()})
-    return member, entries, tile.size[0] * tile.size[1], rejects
+    return member, entries, stacked.size[0] * stacked.size[1], rejects
 
 
 def _init_worker():
@@ -359,7 +359,7 @@ def index_text(tar_path: Path) -> tuple[str, int]:
     return text, len(samples)
 
 
-def write_shard(tar_path: Path, items: list, results) -> dict:
+def write_shard(tar_path: Path, results) -> dict:
     """Stream one shard's samples into a temporary tar (hashing as it goes), fsync, rename,
     then write its index (util.atomic_file: a full disk leaves no part of it behind). Returns
     the shard's record (without the job id). The bytes equal what tarfile.TarFile would write
@@ -370,7 +370,7 @@ def write_shard(tar_path: Path, items: list, results) -> dict:
         def put(data: bytes):
             f.write(data)
             sha.update(data)
-        for _, (member, entries, n_pixels, rejects) in zip(items, results):
+        for member, entries, n_pixels, rejects in results:
             rejected += [list(r) for r in rejects]
             if member is None:
                 continue
@@ -438,11 +438,11 @@ def write_shards(cfg: PrepareConfig, split: str, items: list, todo: list[int], p
         if k is not None:
             shard_items = items[k * cfg.shard_size:(k + 1) * cfg.shard_size]
             tasks = enumerate(shard_items, start=k * cfg.shard_size)  # sample key = position in the split
-            pending.append((k, shard_items, pool.imap(convert, tasks, chunksize=16)))
+            pending.append((k, pool.imap(convert, tasks, chunksize=16)))
         while pending and (len(pending) == 2 or k is None):
-            k_done, shard_items, results = pending.popleft()
+            k_done, results = pending.popleft()
             name = f"{split}-{k_done:06d}"
-            rec = write_shard(cfg.out / split / f"{name}.tar", shard_items, counted(results))
+            rec = write_shard(cfg.out / split / f"{name}.tar", counted(results))
             if cfg.strict and rec["rejected"]:
                 path, why = rec["rejected"][0]
                 raise UserError(f"{cfg.src / path}: {why} (--strict)")
