@@ -55,7 +55,7 @@ def compare(outs: dict, arch: str, b: int, steps: int, repeats: int, echo: int, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="a folder of JPEGs (default: the real sample)")
-    p.add_argument("--repeat", type=int, default=150, help="use each source image this many times")
+    p.add_argument("--repeat", type=int, default=60, help="use each source image this many times")
     p.add_argument("--tiles", default="4", help="comma-separated tile sizes to prepare besides the usual shards")
     p.add_argument("--echo", type=int, default=1, help="also time every loader with this echo")
     p.add_argument("--archs", default="torchvision,paper")

@@ -9,7 +9,8 @@
 #   loader   pca.json for the shards; tools/bench_pca.py; the GPU tests; tools/bench_loader.py
 #   train    tools/bench_train.py with the decoder cache, echo 2, the PyTorch baseline and the
 #            model on the default stream beside the default highest-priority one; the
-#            decoder cache again on a 4x larger set (JPEG_DIR x 240, --cache-only)
+#            decoder cache again on a 4x larger set (JPEG_DIR x 240, --cache-only); the usual
+#            shards against tiles of 4 (tools/bench_tiles.py, with echo 2) and bench_train on tiles
 #   profile  tools/profile_train.py for both archs; tools/bench_host.py; tools/bench_decode.py;
 #            tools/bench_knobs.py; tools/bench_beside.py; tools/bench_neighbors.py
 #   real     tools/real_run.sh with and without --echo 2 (same steps), alexpipe-neighbors
@@ -51,6 +52,9 @@ train)
         | tee "$log/bench_train.log"
     python3 tools/bench_train.py --src "$src" --repeat 240 --cache-only 2>&1 | grep -v "it/s\]" \
         | tee "$log/bench_train_cache120.log"
+    python3 tools/bench_tiles.py --src "$src" --repeat 60 --echo 2 --repeats 3 2>&1 | grep -v "it/s\]" | tee "$log/bench_tiles.log"
+    python3 tools/bench_train.py --src "$src" --repeat 60 --tile 4 --loaders 4x4@1.0 --echo 2 2>&1 \
+        | grep -v "it/s\]" | tee "$log/bench_train_tiles.log"
     ;;
 profile)
     for arch in torchvision paper; do
