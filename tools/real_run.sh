@@ -4,6 +4,7 @@
 # JPEG_DIR holds files named <wnid>_*.JPEG (as the optional real-image sample, one per
 # class). The train split holds every image REPEAT times (each copy gets its own random
 # crops), val each image once, in wnid class folders, so val top-1 is the train accuracy.
+# PREPARE="--center-crop --tile 4" prepares the train split in tiles (the same run on them).
 set -euo pipefail
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader's CUDA streams beside the model's
 src=$1; work=$2; repeat=${3:-40}; epochs=${4:-25}; shift $(($# < 4 ? $# : 4))
@@ -20,7 +21,7 @@ for p in sorted(src.glob("*.JPEG")):
             os.symlink(p, dst / split / wnid / f"{p.stem}_r{r}.JPEG")
 PY
 set -x
-alexpipe-prepare "$work/src" "$work/out" --shard-size 2000
+alexpipe-prepare "$work/src" "$work/out" --shard-size 2000 ${PREPARE:-}
 alexpipe-pca "$work/out"
 alexpipe-preview "$work/out" --png "$work/preview.png"
 alexpipe-train "$work/out" --arch torchvision --epochs "$epochs" --batch-size 256 --run-dir "$work/run" "$@"
