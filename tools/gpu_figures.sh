@@ -13,7 +13,8 @@
 #            shards against tiles of 4 (tools/bench_tiles.py, with echo 2) and bench_train on tiles
 #   profile  tools/profile_train.py for both archs; tools/bench_host.py; tools/bench_decode.py;
 #            tools/bench_knobs.py; tools/bench_beside.py; tools/bench_neighbors.py
-#   real     tools/real_run.sh with and without --echo 2 (same steps), alexpipe-neighbors
+#   real     tools/real_run.sh with and without --echo 2 (same steps), alexpipe-neighbors; on
+#            squares (--center-crop) and on tiles of 4 of them
 set -euo pipefail
 stage=$1; src=$(cd "$2" && pwd); work=$3; log=$4
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # the loader overlaps the model
@@ -89,6 +90,10 @@ real)
     alexpipe-train "$work/real/out" --arch torchvision --epochs 5 --batch-size 256 --echo 2 --warmup-epochs 1 \
         --run-dir "$work/real/run_echo2" 2>&1 | grep -v "it/s\]" | tee "$log/real_run_echo2.log"
     cp "$work/real/run/"neighbors-*.png "$work/real/run/curves.png" "$log/"
+    for prep in "--center-crop" "--center-crop --tile 4"; do  # squares against tiles of them, the same run
+        PREPARE="$prep" bash tools/real_run.sh "$src" "$work/real_${prep##* }" 20 10 --warmup-epochs 2 2>&1 \
+            | grep -v "it/s\]" | tee "$log/real_run_${prep##* }.log"
+    done
     ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
