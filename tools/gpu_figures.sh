@@ -90,9 +90,9 @@ real)
     alexpipe-train "$work/real/out" --arch torchvision --epochs 5 --batch-size 256 --echo 2 --warmup-epochs 1 \
         --run-dir "$work/real/run_echo2" 2>&1 | grep -v "it/s\]" | tee "$log/real_run_echo2.log"
     cp "$work/real/run/"neighbors-*.png "$work/real/run/curves.png" "$log/"
-    for prep in "--center-crop" "--center-crop --tile 4"; do  # squares against tiles of them, the same run
-        PREPARE="$prep" bash tools/real_run.sh "$src" "$work/real_${prep##* }" 20 10 --warmup-epochs 2 2>&1 \
-            | grep -v "it/s\]" | tee "$log/real_run_${prep##* }.log"
+    for run in "squares:--center-crop" "tiles4:--center-crop --tile 4"; do  # squares against tiles of them
+        PREPARE="${run#*:}" bash tools/real_run.sh "$src" "$work/real_${run%%:*}" 20 10 --warmup-epochs 2 2>&1 \
+            | grep -v "it/s\]" | tee "$log/real_run_${run%%:*}.log"
     done
     ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
