@@ -92,16 +92,18 @@ def test_parse_labels():
     assert parse_labels(padded, 4).tolist() == [[0, 7, 42, 999], [12345678, 1, 0, 3], [5, 5, 5, 5]]
 
 
-def test_tile_views_are_the_papers_transform_of_their_square(tiled_out):
-    """A tile of 4 gives 4 views a sample, view k the paper's transform of square k (its
-    own crop window inside the square, flip and lighting) with the square's label."""
+@pytest.mark.parametrize("echo", [1, 2])
+def test_tile_views_are_the_papers_transform_of_their_square(tiled_out, echo):
+    """A tile of 4 gives 4 x echo views a sample, view v the paper's transform of square
+    v // echo (its own crop window inside the square, flip and lighting), and the 4 labels."""
     data = Prepared.open(tiled_out)
-    p = data.pca
+    p, n = data.pca, 4 * echo
     pipe = train_pipeline(data.split("train"), "cpu", 0, 1, p["mean"], p["std"], p["eigval"], p["eigvec"], tile=4,
-                          with_params=True, dtype=types.FLOAT, batch_size=8, num_threads=2, device_id=None, seed=3)
+                          echo=echo, with_params=True, dtype=types.FLOAT, batch_size=8, num_threads=2, device_id=None,
+                          seed=3)
     pipe.build()
     outs = pipe.run()
-    views, labels, params, sources = outs[:4], outs[4], outs[5:21], outs[21]
+    views, labels, params, sources = outs[:n], outs[n], outs[n + 1:5 * n + 1], outs[5 * n + 1]
     parsed = parse_labels(torch.from_numpy(np.array(labels.as_tensor())), 4)
     corners = set()
     for i in range(8):
@@ -112,10 +114,11 @@ def test_tile_views_are_the_papers_transform_of_their_square(tiled_out):
         cls = next(s["cls"] for s in iter_samples({"tar": tar, "idx": str(Path(tar).with_suffix(".idx"))})
                    if s["__key__"] == name.split(".")[0])
         assert parsed[i].tolist() == [int(v) for v in cls.split()]
-        for k in range(4):
-            px, py, mirror, alpha = (np.array(x[i]) for x in params[4 * k:4 * k + 4])
+        for v in range(n):
+            px, py, mirror, alpha = (np.array(x[i]) for x in params[4 * v:4 * v + 4])
+            k = v // echo
             ref = reference_train(tile[256 * k:256 * (k + 1)], float(px), float(py), int(mirror), alpha, p)
-            np.testing.assert_allclose(np.array(views[k][i]), ref, atol=2e-4)
+            np.testing.assert_allclose(np.array(views[v][i]), ref, atol=2e-4)
             corners.add(anchor(float(py), 32))
     assert len(corners) > 8  # the windows move within their squares
 
@@ -592,13 +595,14 @@ def test_reading_the_shards_gives_the_same_batches_with_a_flat_resident_set(tmp_
     assert growth[False] < 0.1 * shard_mb, (growth, shard_mb)
 
 
-@pytest.mark.parametrize("world,pipelines,b", [(1, 1, 8), (3, 2, 4)])
-def test_tiles_give_every_image_once_an_epoch_over_ranks(tiled_out, world, pipelines, b):
-    """Tiles of 4: a batch holds views of as many tiles, each image comes once an epoch (the
-    repeats in the one short tile at most twice), epoch lengths are equal over ranks."""
+@pytest.mark.parametrize("world,pipelines,b,echo", [(1, 1, 8, 1), (3, 2, 4, 1), (1, 2, 4, 2)])
+def test_tiles_give_every_image_once_an_epoch_over_ranks(tiled_out, world, pipelines, b, echo):
+    """Tiles of 4: a batch holds views of as many tiles, each image comes once an epoch (echo
+    times with echo; the repeats in the one short tile at most twice that), epoch lengths are
+    equal over ranks."""
     lengths, total = set(), Counter()
     for r in range(world):
-        loader = train_loader(tiled_out, LoaderOptions(batch_size=b, pipelines=pipelines, initial_fill=16),
+        loader = train_loader(tiled_out, LoaderOptions(batch_size=b, pipelines=pipelines, initial_fill=16, echo=echo),
                               runtime=cpu(rank=r, world=world))
         lengths.add(len(loader))
         batches = 0
@@ -606,9 +610,10 @@ def test_tiles_give_every_image_once_an_epoch_over_ranks(tiled_out, world, pipel
             assert x.shape == (b, 3, 224, 224) and len(set(y.tolist())) == b
             total.update(y.tolist())
             batches += 1
-        assert batches == len(loader) and len(loader) % (4 * pipelines) == 0
+        assert batches == len(loader) and len(loader) % (4 * echo * pipelines) == 0
     assert len(lengths) == 1 and sum(total.values()) == world * lengths.pop() * b
-    assert set(total) <= set(range(150)) and max(total.values()) <= 2 and list(total.values()).count(2) <= 2
+    assert set(total) <= set(range(150)) and all(c % echo == 0 for c in total.values())
+    assert max(total.values()) <= 2 * echo and list(total.values()).count(2 * echo) <= 2
 
 
 def test_tiles_resume_exactly_and_are_not_for_evaluation(tiled_out):
