@@ -393,10 +393,10 @@ def split_tile(cfg: PrepareConfig, split: str) -> int:
 def job_id(cfg: PrepareConfig, split: str, items: list[Item]) -> str:
     """Fingerprint of everything that determines a split's bytes; a shard record from
     another job (other files, seed, quality...) is never reused."""
-    h = hashlib.sha256()
+    h, tile = hashlib.sha256(), split_tile(cfg, split)
     h.update(json.dumps([SHORT_SIDE, cfg.seed, cfg.quality, cfg.center_crop, cfg.shard_size,
                          RESAMPLE, Image.__version__, torch.__version__, __version__, split]
-                        + ([split_tile(cfg, split)] if split_tile(cfg, split) > 1 else [])).encode())
+                        + ([tile] if tile > 1 else [])).encode())  # (untiled jobs keep 0.2.5's ids)
     for it in items:  # size and mtime too: an edited source file makes a new job
         st = (cfg.src / it.path).stat()
         h.update(f"{it.path}\t{it.label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -555,9 +555,10 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 # ---------------------------------------------------------------------------- verify
 
-def verify_shard(out: Path, shard: dict, center_crop: bool, tile: int = 1) -> list[str]:
-    """Problems found in one shard: size, sha256, index, sample count, decodability, geometry."""
-    tar_path, idx_path = out / shard["tar"], out / shard["idx"]
+def verify_shard(out: Path, shard: dict, center_crop: bool) -> list[str]:
+    """Problems found in one shard (its "tile": images per sample, default 1): size, sha256,
+    index, sample count, decodability, geometry, labels."""
+    tar_path, idx_path, tile = out / shard["tar"], out / shard["idx"], shard.get("tile", 1)
     if not tar_path.exists():
         return [f"{tar_path}: missing"]
     problems = []
@@ -595,18 +596,14 @@ def verify_shard(out: Path, shard: dict, center_crop: bool, tile: int = 1) -> li
     return problems
 
 
-def verify_one(out: Path, center_crop: bool, shard_tile: tuple[dict, int]) -> list[str]:
-    return verify_shard(out, shard_tile[0], center_crop, shard_tile[1])
-
-
 def verify(out: Path, workers: int) -> int:
     manifest = read_manifest(out)
     center_crop = manifest["settings"]["center_crop"]
-    shards = [(s, split.get("tile", 1)) for split in manifest["splits"].values() for s in split["shards"]]
+    shards = [{**s, "tile": split.get("tile", 1)} for split in manifest["splits"].values() for s in split["shards"]]
     problems, n = [], 0
     with Pool(workers, initializer=_init_worker) as pool:
-        check = partial(verify_one, out, center_crop)
-        for (shard, _), found in zip(shards, Bar(pool.imap(check, shards), total=len(shards), unit="shard")):
+        check = partial(verify_shard, out, center_crop=center_crop)
+        for shard, found in zip(shards, Bar(pool.imap(check, shards), total=len(shards), unit="shard")):
             problems += found
             n += shard["count"]
     for p in problems:
