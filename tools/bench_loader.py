@@ -137,7 +137,8 @@ def main(argv=None) -> int:
         train = load_manifest(out)["splits"]["train"]
         n, tile = train["count"], train.get("tile", 1)
         device = torch.cuda.get_device_name() if GPU else "CPU (smoke test)"
-        print(f"\n{n} samples{f' (tiles of {tile})' if tile > 1 else ''}; {device}; {cores} CPU cores; batch {args.batch_size}; {args.batches} timed batches")
+        tiles = f" (tiles of {tile})" if tile > 1 else ""
+        print(f"\n{n} samples{tiles}; {device}; {cores} CPU cores; batch {args.batch_size}; {args.batches} timed batches")
         print(f"{'pipelines':>9} {'threads':>7} {'hw_load':>7} {'(a) images/s':>13}")
         results = {}
 

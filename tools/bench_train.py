@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or sample_shards(args.src, Path(tmp), args.repeat, tile=args.tile)
         b = args.batch_size
-        n, tile = Prepared.open(out).count("train"), Prepared.open(out).tile("train")
+        data = Prepared.open(out)
+        n, tile = data.count("train"), data.tile("train")
         print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; {n} samples"
               f"{f' (tiles of {tile})' if tile > 1 else ''}, batch {b}, bf16 autocast, "
               f"channels_last, torch.compile, fused SGD, a highest-priority stream; median of {args.repeats} x "
