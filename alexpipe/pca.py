@@ -122,8 +122,9 @@ def decoded_batches(shards: list[dict], device: str, workers: int, batch_size: i
                               prefetch_queue_depth=2) for p in range(pipelines)]
     for pipe in pipes:
         pipe.build()
-    if pipes[0].epoch_size(READER) != total:
-        raise UserError(f"the shards hold {pipes[0].epoch_size(READER)} samples, the manifest says {total}")
+    held = pipes[0].reader_meta(READER)["epoch_size"]  # (epoch_size() counts the ranges' padding)
+    if held != total:
+        raise UserError(f"the shards hold {held} samples, the manifest says {total}")
     left = [total * (p + 1) // pipelines - total * p // pipelines for p in range(pipelines)]
     turn = 0
     while any(left):
