@@ -58,6 +58,18 @@ VARIANTS = {
 }
 
 
+def variant(name: str) -> tuple:
+    """VARIANTS[name], or a loader shape "PxT", optionally after "echo K " (e.g. "echo 2 2x4")."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    words = name.split()
+    fields = {"echo": int(words[1])} if len(words) == 3 and words[0] == "echo" else {}
+    pipes, _, threads = words[-1].partition("x")
+    if len(words) != (3 if fields else 1) or not (pipes.isdigit() and threads.isdigit()):
+        raise KeyError(name)
+    return {**fields, "shape": (int(pipes), int(threads))}, {}, None
+
+
 def variant_loader(out, b, fields: dict, pipeline_args: dict):
     """An endless stream of the variant's batches, its pipelines built (the DALI arguments
     reach them through the loader's pipeline and decode functions, swapped while it builds)."""
@@ -101,11 +113,11 @@ def knobs(out, arch, names, b, steps, repeats, stream, mode) -> None:
     torch._dynamo.reset()
     compiled, opt, ceiling = model_and_ceiling(arch, b, steps, 3, stream, mode)
     print(f"\n{arch} AlexNet, compiled with mode {mode}: (b) {ceiling:.0f} images/s", flush=True)
-    streams = {name: variant_loader(out, b, *VARIANTS[name][:2]) for name in names}
+    streams = {name: variant_loader(out, b, *variant(name)[:2]) for name in names}
     a, d, busy = ({n: [] for n in names} for _ in range(3))
     for _ in range(repeats):
         for name, batches in streams.items():
-            r, cores = timed_with(VARIANTS[name][2], lambda: rate(compiled, opt, batches, steps, 10, stream))
+            r, cores = timed_with(variant(name)[2], lambda: rate(compiled, opt, batches, steps, 10, stream))
             a[name].append(r)
             busy[name].append(cores)
             d[name].append(stream_rate(batches, steps, 10))
@@ -118,14 +130,22 @@ def knobs(out, arch, names, b, steps, repeats, stream, mode) -> None:
     gc.collect()
 
 
+def known(name: str) -> bool:
+    try:
+        return bool(variant(name))
+    except KeyError:
+        return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="prepared shards with pca.json (default: build them)")
     p.add_argument("--src", type=Path, default=DEFAULT_SRC)
     p.add_argument("--repeat", type=int, default=60)
+    p.add_argument("--tile", type=int, default=1, help="built shards: central squares in tiles of this many")
     p.add_argument("--archs", default="torchvision,paper")
     p.add_argument("--variants", default="default,no mmap,old executor,prefetch 4,switch 0.2ms,affinity,echo 2",
-                   help="comma-separated, of: " + ", ".join(VARIANTS))
+                   help="comma-separated, of: " + ", ".join(VARIANTS) + '; or any "PxT" or "echo K PxT"')
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=5)
@@ -133,13 +153,13 @@ def main(argv=None) -> int:
                    "reduce-overhead, a CUDA graph; put it first: a capture beside a live loader's threads fails)")
     args = p.parse_args(argv)
     names = args.variants.split(",")
-    if unknown := [n for n in names if n not in VARIANTS]:
+    if unknown := [n for n in names if not known(n)]:
         sys.exit(f"bench_knobs: unknown variant(s) {', '.join(unknown)}")
     if not torch.cuda.is_available():
         sys.exit("bench_knobs: needs a CUDA GPU")
     stream = priority_stream(torch.device("cuda"))  # as alexpipe-train's Runtime.model_stream
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or sample_shards(args.src, Path(tmp), args.repeat)
+        out = args.out or sample_shards(args.src, Path(tmp), args.repeat, tile=args.tile)
         print(f"{torch.cuda.get_device_name()}; batch {args.batch_size}, median of {args.repeats} x {args.steps} "
               f"timed steps, interleaved", flush=True)
         for arch in args.archs.split(","):
