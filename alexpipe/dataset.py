@@ -91,6 +91,15 @@ class Prepared:
         return self.manifest["splits"][name].get("tile", 1)
 
 
+def train_tile(out: Path) -> int:
+    """The train split's tile in OUT's manifest, for defaults chosen before OUT is opened (1
+    where it cannot be read: opening OUT then says why)."""
+    try:
+        return int(read_manifest(out)["splits"]["train"].get("tile", 1))
+    except (UserError, KeyError, TypeError, AttributeError, ValueError):
+        return 1
+
+
 # ---------------------------------------------------------------------------- pca.json's numbers
 
 def statistics(row) -> dict:

@@ -50,6 +50,16 @@ from .util import Help, UserError, default_workers, run_main, save_png
 DTYPES = {"bf16": (types.FLOAT16, torch.bfloat16), "fp16": (types.FLOAT16, torch.float16),
           "fp32": (types.FLOAT, torch.float32)}
 PIPELINES_GPU, THREADS_GPU = 4, 4  # per rank on a GPU: more decodes in flight, fewer threads each
+# tiles: one pipeline alone makes 50-75k images/s, and fewer decodes in flight slow the model less
+PIPELINES_TILES_GPU = 1
+
+
+def default_pipelines(cuda: bool, tile: int = 1) -> int:
+    """Train pipelines per rank: on a GPU PIPELINES_GPU, or PIPELINES_TILES_GPU for a tiled
+    split (docs/benchmarks.md, "Tiles"); 1 on the CPU, where decoding is compute-bound."""
+    if not cuda:
+        return 1
+    return PIPELINES_GPU if tile == 1 else PIPELINES_TILES_GPU
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +71,7 @@ class LoaderOptions:
     prefetch: int = 2
     verify: bool = True  # sha256 of every shard first (else only their sizes)
     sources: bool = False  # batches are (images, labels, ["tar:offset:key.jpg", ...])
-    pipelines: int | None = None  # per rank; default: PIPELINES_GPU on a GPU, 1 on the CPU (compute-bound)
+    pipelines: int | None = None  # per rank; default: default_pipelines (4 on a GPU, 1 for tiles or on the CPU)
     hw_decoder_load: float = 1.0  # share of each batch on the GPU's JPEG engines (no SMs; one decoder's pixels)
     seed: int = 0
     lighting: float = 0.1  # std of the PCA lighting alpha
@@ -84,10 +94,10 @@ class LoaderOptions:
         if self.cache not in ("off", "gpu", "auto"):
             raise UserError(f"cache must be off, gpu or auto, got {self.cache!r}")
 
-    def resolved(self, rt: Runtime, train: bool) -> LoaderOptions:
-        """The defaults that depend on the device filled in; evaluation reads every sample once,
-        in one pipeline, so the training-only options are reset for it."""
-        pipelines = (self.pipelines or (PIPELINES_GPU if rt.cuda else 1)) if train else 1
+    def resolved(self, rt: Runtime, train: bool, tile: int = 1) -> LoaderOptions:
+        """The defaults that depend on the device and the split's tile filled in; evaluation reads
+        every sample once, in one pipeline, so the training-only options are reset for it."""
+        pipelines = (self.pipelines or default_pipelines(rt.cuda, tile)) if train else 1
         threads = self.threads or (THREADS_GPU if rt.cuda else max(1, default_workers() // pipelines))
         if not train:
             return dataclasses.replace(self, pipelines=1, threads=threads, echo=1, cache="off", fixed_share=False,
@@ -438,7 +448,7 @@ def open_split(data, rt: Runtime | None, options: LoaderOptions | None, split: s
     rt = rt or Runtime.start(distributed=False)
     options = options or LoaderOptions()
     options.check()
-    options = options.resolved(rt, train)
+    options = options.resolved(rt, train, data.tile(split))
     shards = data.split(split)
     check_over_ranks(shards, verify=options.verify, workers=options.threads, rank=rt.rank, world=rt.world)
     return data, rt, options, shards

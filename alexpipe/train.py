@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dataset import Prepared
+from .dataset import Prepared, train_tile
 from .eval import evaluate
-from .loader import PIPELINES_GPU, DaliLoader, LoaderOptions, cuda_queues_note, eval_loader, train_loader
+from .loader import DaliLoader, LoaderOptions, cuda_queues_note, default_pipelines, eval_loader, train_loader
 from .model import ARCHS, Checkpoint, alexnet
 from .runtime import Runtime, broadcast_object, cleanup, gather_objects
 from .util import (Bar, DiskFull, Help, UserError, atomic_write_bytes, config_dict, print_config, save_png,
@@ -68,7 +68,7 @@ class TrainConfig:
     compile: bool = True
     seed: int = 0
     workers: int | None = None  # DALI threads per pipeline
-    pipelines: int | None = None  # DALI train pipelines per rank; default: 4 on cuda, 1 on cpu
+    pipelines: int | None = None  # DALI train pipelines per rank; default: 4 on cuda, 1 for tiles or on cpu
     cache: str = "auto"  # decoded images in GPU memory: auto (if the rank's share fits) | gpu | off
     cache_gb: float | None = None
     echo: int = 1  # views of each decoded image per epoch; 1 is the paper's recipe
@@ -248,7 +248,7 @@ def check_config(cfg: TrainConfig) -> None:
 def resolved(cfg: TrainConfig, rt: Runtime) -> TrainConfig:
     """The defaults that depend on the device filled in (config.json and checkpoints record them)."""
     return dataclasses.replace(cfg, device=rt.device.type, precision=rt.precision,
-                               pipelines=cfg.pipelines or (PIPELINES_GPU if rt.cuda else 1))
+                               pipelines=cfg.pipelines or default_pipelines(rt.cuda, train_tile(cfg.out)))
 
 
 def resume_from(cfg: TrainConfig, rt: Runtime, data: Prepared) -> Checkpoint | None:
@@ -440,7 +440,7 @@ def parser() -> argparse.ArgumentParser:
                    "the cores / --pipelines on CPU)")
     p.add_argument("--pipelines", type=int, default=None, help="DALI train pipelines per rank, decoding batches "
                    "side by side; --resume needs the number the checkpoint was written with (default: 4 on cuda, "
-                   "1 on cpu)")
+                   "1 for tiles (alexpipe-prepare --tile) or on cpu)")
     p.add_argument("--cache", default=d.cache, choices=["auto", "gpu", "off"],
                    help="keep decoded images in GPU memory after epoch 1 (DALI's decoder cache; each rank then keeps "
                         "one fixed share of the samples): auto = if the rank's share fits, gpu = as much as fits or "
@@ -477,7 +477,7 @@ def parse_args(argv) -> TrainConfig:
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.pipelines is None:  # saved in checkpoints: a resume must read the same reader shards
-        args.pipelines = PIPELINES_GPU if args.device == "cuda" else 1
+        args.pipelines = default_pipelines(args.device == "cuda", train_tile(args.out))
     return TrainConfig(**vars(args))
 
 

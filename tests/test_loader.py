@@ -624,3 +624,19 @@ def test_tiles_resume_exactly_and_are_not_for_evaluation(tiled_out):
     with pytest.raises(UserError, match="split 'train' holds tiles of 4 images"):
         eval_loader(tiled_out, LoaderOptions(batch_size=4), runtime=cpu(), split="train")
     assert sum(len(y) for _, y in eval_loader(tiled_out, LoaderOptions(batch_size=8), runtime=cpu())) == 20
+
+
+def test_tiles_default_to_one_pipeline_on_a_gpu(tiled_out, unique_out):
+    """A tiled train split takes PIPELINES_TILES_GPU pipelines by default on a GPU (one makes
+    enough images and slows the model less), the usual shards PIPELINES_GPU, the CPU 1; a
+    number given wins; alexpipe-train reads the tile from OUT's manifest for its config."""
+    from alexpipe.train import parse_args
+    o = LoaderOptions()
+    assert [o.resolved(cuda(), True, t).pipelines for t in (1, 4)] == [4, 1]
+    assert [o.resolved(cpu(), True, t).pipelines for t in (1, 4)] == [1, 1]
+    assert LoaderOptions(pipelines=3).resolved(cuda(), True, 4).pipelines == 3
+    assert o.resolved(cuda(), False, 1).pipelines == 1
+    got = {out.name: parse_args([str(out), "--device", "cuda"]).pipelines for out in (tiled_out, unique_out)}
+    assert got == {"tiled": 1, "out": 4}
+    assert parse_args([str(tiled_out), "--device", "cuda", "--pipelines", "2"]).pipelines == 2
+    assert parse_args([str(tiled_out), "--device", "cpu"]).pipelines == 1

@@ -1,6 +1,6 @@
 """Tiles against the usual shards, beside the model: the sample prepared as alexpipe-prepare
 does by default (short side 256) and with --center-crop --tile K for each K, every loader
-(4 x 4, optionally also with --echo) alive at once and timed in interleaved rounds: (a)
+(the default shape for its data, optionally also with --echo) alive at once and timed in interleaved rounds: (a)
 training fed by it against (b) the model alone, and (d) the loader alone. Medians of --repeats.
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_tiles.py [--tiles 4] [--echo 2] [--archs torchvision,paper]
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from alexpipe.dataset import Prepared
+from alexpipe.loader import THREADS_GPU, default_pipelines
 from alexpipe.runtime import priority_stream
 from bench_loader import endless, stream_rate
 from bench_prepare import DEFAULT_SRC, sample_shards
@@ -24,12 +26,14 @@ from bench_train import loader, model_and_ceiling, rate
 
 
 def loaders(outs: dict, b: int, echo: int) -> dict:
-    """name -> endless batches: each prepared set's default loader, and with echo > 1 each again with echo."""
+    """name -> endless batches: each prepared set's default loader (default_pipelines x
+    THREADS_GPU at load 1.0), and with echo > 1 each again with echo."""
     streams = {}
     for name, out in outs.items():
-        streams[name] = endless(loader(out, b, (4, 4, 1.0)))
+        shape = (default_pipelines(True, Prepared.open(out).tile("train")), THREADS_GPU, 1.0)
+        streams[name] = endless(loader(out, b, shape))
         if echo > 1:
-            streams[f"{name}, echo {echo}"] = endless(loader(out, b, (4, 4, 1.0), echo=echo))
+            streams[f"{name}, echo {echo}"] = endless(loader(out, b, shape, echo=echo))
     return streams
 
 
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
         outs = {"short side 256 (the default)": sample_shards(args.src, Path(tmp) / "t1", args.repeat)}
         for k in tiles:
             outs[f"tiles of {k}"] = sample_shards(args.src, Path(tmp) / f"t{k}", args.repeat, tile=k)  # as many images
-        print(f"{torch.cuda.get_device_name()}; batch {args.batch_size}, 4 x 4 loaders, median of {args.repeats} x "
+        print(f"{torch.cuda.get_device_name()}; batch {args.batch_size}, default loaders, median of {args.repeats} x "
               f"{args.steps} timed steps, interleaved", flush=True)
         for arch in args.archs.split(","):
             compare(outs, arch, args.batch_size, args.steps, args.repeats, args.echo, stream)

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from alexpipe.dataset import Prepared
-from alexpipe.loader import PIPELINES_GPU, THREADS_GPU, LoaderOptions, cache_gb_needed, train_loader
+from alexpipe.loader import (PIPELINES_GPU, PIPELINES_TILES_GPU, THREADS_GPU, LoaderOptions, cache_gb_needed,
+                             default_pipelines, train_loader)
 from alexpipe.model import alexnet
 from alexpipe.runtime import Runtime, priority_stream
 from alexpipe.train import train_step
@@ -168,8 +169,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=3, help="timings of (a), (b), (d), median reported")
     p.add_argument("--archs", default="torchvision,paper")
-    p.add_argument("--loaders", default=f"{PIPELINES_GPU}x{THREADS_GPU}@1.0,2x8@0.65",
-                   help="loader settings for (a)/(d): pipelines x threads @ hw_decoder_load (first = default)")
+    p.add_argument("--loaders", default=None, help="loader settings for (a)/(d): pipelines x threads @ "
+                   "hw_decoder_load, the first the one --echo takes (default: the package's for the data, "
+                   f"then 2x8@0.65; for tiles, {PIPELINES_TILES_GPU}x{THREADS_GPU}@1.0 then "
+                   f"{PIPELINES_GPU}x{THREADS_GPU}@1.0)")
     p.add_argument("--echo", type=int, default=1, help="also time (a) with this echo, first loader setting")
     p.add_argument("--baseline", action="store_true", help="also time (c)")
     p.add_argument("--cache", action="store_true", help="also time whole epochs with the decoder cache")
@@ -182,13 +185,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         sys.exit("bench_train: needs a CUDA GPU")
     cores = len(os.sched_getaffinity(0))
-    settings = [parse_setting(s) for s in args.loaders.split(",")]
     stream = priority_stream(torch.device("cuda"))  # as alexpipe-train's Runtime.model_stream
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or sample_shards(args.src, Path(tmp), args.repeat, tile=args.tile)
         b = args.batch_size
         data = Prepared.open(out)
         n, tile = data.count("train"), data.tile("train")
+        args.loaders = args.loaders or default_loaders(tile)
+        settings = [parse_setting(s) for s in args.loaders.split(",")]
         print(f"\n{torch.cuda.get_device_name()}, {cores} CPU cores; {n} samples"
               f"{f' (tiles of {tile})' if tile > 1 else ''}, batch {b}, bf16 autocast, "
               f"channels_last, torch.compile, fused SGD, a highest-priority stream; median of {args.repeats} x "
@@ -204,6 +208,12 @@ def main(argv=None) -> int:
             del compiled, opt
             gc.collect()
     return 0
+
+
+def default_loaders(tile: int) -> str:
+    """The package's default loader for data of this tile first, then the one to compare it with."""
+    other = f"{PIPELINES_GPU}x{THREADS_GPU}@1.0" if tile > 1 else "2x8@0.65"
+    return f"{default_pipelines(True, tile)}x{THREADS_GPU}@1.0,{other}"
 
 
 def fed(compiled, opt, out, settings, ceiling, args, cores, stream) -> None:
