@@ -9,7 +9,7 @@ prepare wrote; runtime.py says where a process runs. docs/design.md has the map.
     from alexpipe import LoaderOptions, train_loader, eval_loader, Prepared, Runtime
 """
 
-__version__ = "0.2.5"
+__version__ = "0.2.6"
 _LAZY = {"LoaderOptions": "loader", "train_loader": "loader", "eval_loader": "loader", "Prepared": "dataset",
          "Runtime": "runtime"}
 
