@@ -10,7 +10,8 @@
 #   train    tools/bench_train.py with the decoder cache, echo 2, the PyTorch baseline and the
 #            model on the default stream beside the default highest-priority one; the
 #            decoder cache again on a 4x larger set (JPEG_DIR x 240, --cache-only); the usual
-#            shards against tiles of 4 (tools/bench_tiles.py, with echo 2) and bench_train on tiles
+#            shards against tiles of 4 (tools/bench_tiles.py, with echo 2) and bench_train on tiles,
+#            also from the decoder cache with one pipeline and with four
 #   profile  tools/profile_train.py for both archs; tools/bench_host.py; tools/bench_decode.py;
 #            tools/bench_knobs.py; tools/bench_beside.py; tools/bench_neighbors.py
 #   real     tools/real_run.sh with and without --echo 2 (same steps), alexpipe-neighbors; on
@@ -54,8 +55,12 @@ train)
     python3 tools/bench_train.py --src "$src" --repeat 240 --cache-only 2>&1 | grep -v "it/s\]" \
         | tee "$log/bench_train_cache120.log"
     python3 tools/bench_tiles.py --src "$src" --repeat 60 --echo 2 --repeats 3 2>&1 | grep -v "it/s\]" | tee "$log/bench_tiles.log"
-    python3 tools/bench_train.py --src "$src" --repeat 60 --tile 4 --loaders 4x4@1.0 --echo 2 2>&1 \
+    python3 tools/bench_train.py --src "$src" --repeat 60 --tile 4 --echo 2 2>&1 \
         | grep -v "it/s\]" | tee "$log/bench_train_tiles.log"
+    for loaders in 1x4@1.0 4x4@1.0; do  # tiles from the decoder cache: one pipeline (their default) or four
+        python3 tools/bench_train.py --src "$src" --repeat 240 --tile 4 --cache-only --loaders $loaders 2>&1 \
+            | grep -v "it/s\]" | tee -a "$log/bench_train_tiles_cache.log"
+    done
     ;;
 profile)
     for arch in torchvision paper; do
