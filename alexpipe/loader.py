@@ -56,7 +56,7 @@ PIPELINES_TILES_GPU = 1
 
 def default_pipelines(cuda: bool, tile: int = 1) -> int:
     """Train pipelines per rank: on a GPU PIPELINES_GPU, or PIPELINES_TILES_GPU for a tiled
-    split (docs/benchmarks.md, "Tiles"); 1 on the CPU, where decoding is compute-bound."""
+    split (docs/benchmarks.md, "0.2.6"); 1 on the CPU, where decoding is compute-bound."""
     if not cuda:
         return 1
     return PIPELINES_GPU if tile == 1 else PIPELINES_TILES_GPU

@@ -1,7 +1,8 @@
 """Tiles against the usual shards, beside the model: the sample prepared as alexpipe-prepare
 does by default (short side 256) and with --center-crop --tile K for each K, every loader
-(the default shape for its data, optionally also with --echo) alive at once and timed in interleaved rounds: (a)
-training fed by it against (b) the model alone, and (d) the loader alone. Medians of --repeats.
+(the default shape for its data, optionally also with --echo) alive at once and timed in
+interleaved rounds: (a) training fed by it against (b) the model alone, and (d) the loader
+alone. Medians of --repeats.
 
   CUDA_DEVICE_MAX_CONNECTIONS=32 python tools/bench_tiles.py [--tiles 4] [--echo 2] [--archs torchvision,paper]
 """
