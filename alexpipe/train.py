@@ -245,10 +245,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide over {world} ranks")
 
 
-def resolved(cfg: TrainConfig, rt: Runtime) -> TrainConfig:
-    """The defaults that depend on the device filled in (config.json and checkpoints record them)."""
+def resolved(cfg: TrainConfig, rt: Runtime, data: Prepared) -> TrainConfig:
+    """The defaults that depend on the device and the train split filled in (config.json and
+    checkpoints record them)."""
     return dataclasses.replace(cfg, device=rt.device.type, precision=rt.precision,
-                               pipelines=cfg.pipelines or default_pipelines(rt.cuda, train_tile(cfg.out)))
+                               pipelines=cfg.pipelines or default_pipelines(rt.cuda, data.tile("train")))
 
 
 def resume_from(cfg: TrainConfig, rt: Runtime, data: Prepared) -> Checkpoint | None:
@@ -390,9 +391,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     check_config(cfg)
     rt = Runtime.start(cfg.device, cfg.precision, channels_last=cfg.channels_last)
     with rt.model_stream():  # the whole run on one stream, the GPU's first in line
-        cfg = resolved(cfg, rt)
-        seed_everything(cfg.seed + rt.rank, cfg.deterministic)
         data = Prepared.open(cfg.out)  # a missing or stale pca.json is refused before anything else
+        cfg = resolved(cfg, rt, data)
+        seed_everything(cfg.seed + rt.rank, cfg.deterministic)
         ckpt = resume_from(cfg, rt, data)
         run_dir = run_dir_for(cfg)
         run = build(cfg, rt, data, ckpt)
